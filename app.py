@@ -1,0 +1,428 @@
+"""mmdemo web app: Gradio Blocks over the mmdemo engine (no torch in this module).
+
+Run ``python app.py``; it honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from mmdemo import workspace as ws
+from mmdemo.errors import UserInputError
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLE_DATASET = ASSETS / "sample_shapes.zip"
+EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*") if p.suffix.lower() in (".jpg", ".png"))
+BASE_MODELS = ["efficientnet_lite0", "resnet18", "google/vit-base-patch16-224-in21k"]
+METHODS = ["full", "head", "lora", "bitfit"]
+DEFAULT_CHECKPOINT = "ImageNet classifier (efficientnet_lite0, offline)"
+MAX_UPLOAD = "500mb"
+
+
+@functools.cache
+def manager():
+    """One job manager per server process, created on first use (it starts a watcher thread)."""
+    from mmdemo.jobs import JobManager
+
+    return JobManager()
+
+
+def user_errors(fn):
+    """Engine UserInputErrors become gr.Error, shown to the user (and to API clients) verbatim."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as e:
+            raise gr.Error(str(e)) from None
+
+    return wrapper
+
+
+def api_workspace(request: gr.Request) -> Path:
+    """An API client's workspace: each gradio_client session is a user of its own."""
+    return ws.user_workspace("session:" + (request.session_hash or "anonymous"))
+
+
+def browser_workspace(browser_id: str) -> Path:
+    if not browser_id:
+        raise gr.Error("This page has no browser id yet; reload the page.")
+    return ws.user_workspace("browser:" + browser_id)
+
+
+def file_path(file) -> str:
+    """gr.api passes a FileData dict, UI events a path string."""
+    if isinstance(file, dict):
+        return file.get("path") or ""
+    return str(file or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine calls shared by the UI and the API
+
+
+def do_load_dataset(workspace: Path, source: str, task: str) -> dict:
+    from mmdemo.data import ingest_dataset
+
+    if not source:
+        raise UserInputError("Upload a dataset file (zip, csv or jsonl) or enter a Hub dataset id.")
+    return ingest_dataset(source, workspace, task=task or "classification").to_dict()
+
+
+def do_start_training(workspace: Path, dataset_id: str, **params) -> str:
+    from mmdemo.data import find_dataset
+    from mmdemo.jobs import new_run_config, start_training
+
+    cfg = new_run_config(workspace, find_dataset(workspace, dataset_id), **params)
+    return start_training(cfg, manager())
+
+
+def do_status(workspace: Path, run_id: str) -> dict:
+    from mmdemo.jobs import find_run, run_status
+
+    return run_status(find_run(workspace, run_id), manager())
+
+
+def do_stop(workspace: Path, run_id: str) -> dict:
+    from mmdemo.jobs import find_run
+
+    run_dir = find_run(workspace, run_id)
+    manager().stop(run_dir)
+    return {"status": do_status(workspace, run_id)["status"]}
+
+
+def do_classify(workspace: Path, image, checkpoint: str, top_k: int = 5) -> dict:
+    from mmdemo.inference import classify
+    from mmdemo.jobs import ID_RE, find_run
+
+    checkpoint = (checkpoint or "").strip()
+    if checkpoint == DEFAULT_CHECKPOINT:
+        checkpoint = ""
+    if ID_RE.match(checkpoint.split(" ")[0]):
+        checkpoint = str(find_run(workspace, checkpoint.split(" ")[0]))
+    elif checkpoint and (checkpoint.startswith((".", "/", "~")) or "\\" in checkpoint):
+        raise UserInputError("A checkpoint is a run id of yours, a Hub model id, or empty for the default.")
+    return classify(image, checkpoint or None, int(top_k or 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# API endpoints (gradio_client), one workspace per client session
+
+
+def api_load_dataset(file: dict, task: str = "classification", request: gr.Request = None) -> dict:
+    """Ingests an uploaded dataset; returns its summary."""
+    summary = do_load_dataset(api_workspace(request), file_path(file), task)
+    keys = ("dataset_id", "task", "num_train", "num_val", "num_test", "classes", "warnings", "counts")
+    return {k: summary[k] for k in keys}
+
+
+def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
+                       learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
+                       max_steps: int = 0, request: gr.Request = None) -> dict:
+    """Starts fine-tuning in a child process; "" / 0 take the defaults."""
+    run_id = do_start_training(api_workspace(request), dataset_id, base_model=base_model, method=method or None,
+                               epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                               image_size=image_size, max_steps=max_steps)
+    return {"run_id": run_id}
+
+
+def api_training_status(run_id: str, request: gr.Request = None) -> dict:
+    """Status, progress, loss curve and validation metrics of a run."""
+    return do_status(api_workspace(request), run_id)
+
+
+def api_stop_training(run_id: str, request: gr.Request = None) -> dict:
+    """Asks a run to stop at its next step boundary (it keeps a usable checkpoint)."""
+    return do_stop(api_workspace(request), run_id)
+
+
+def api_resume_training(run_id: str, request: gr.Request = None) -> dict:
+    """Continues a stopped or failed run from its last checkpoint."""
+    from mmdemo.jobs import find_run, resume_training
+
+    return resume_training(find_run(api_workspace(request), run_id), manager())
+
+
+def api_classify(image: dict, checkpoint: str = "", top_k: int = 5, request: gr.Request = None) -> dict:
+    """Top-k labels with probabilities for an image."""
+    from PIL import Image
+
+    path = file_path(image)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return do_classify(api_workspace(request), img, checkpoint, top_k)
+    except OSError:
+        raise UserInputError(f"Could not read the image '{Path(path).name}': send a JPEG, PNG or WebP file.") from None
+
+
+def api_list_runs(request: gr.Request = None) -> list:
+    """This session's runs with task, base model, method, status and metrics."""
+    from mmdemo.jobs import list_runs
+
+    return list_runs(api_workspace(request), manager())
+
+
+def register_api() -> None:
+    for fn, name, limit in [(api_load_dataset, "load_dataset", 2), (api_start_training, "start_training", 4),
+                            (api_training_status, "training_status", None), (api_stop_training, "stop_training", None),
+                            (api_resume_training, "resume_training", 4), (api_classify, "classify", 4),
+                            (api_list_runs, "list_runs", None)]:
+        gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# UI
+
+
+def on_load_browser(browser_id: str):
+    """Gives a new browser its random id; the browser keeps it (localStorage) across reloads."""
+    return browser_id or uuid.uuid4().hex
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [f"**{len(summary['classes'])} classes** · train {summary['num_train']} · "
+             f"validation {summary['num_val']} · test {summary['num_test']}"]
+    lines += [f"- ⚠️ {w}" for w in summary["warnings"]]
+    return "\n".join(lines)
+
+
+def counts_frame(summary: dict):
+    import pandas as pd
+
+    rows = [{"class": c, "split": split, "images": n} for split, per in summary["counts"].items() for c, n in per.items()]
+    return pd.DataFrame(rows or [{"class": "", "split": "", "images": 0}])
+
+
+@user_errors
+def on_load_dataset(browser_id, file, hub_id):
+    from mmdemo.data import find_dataset, preview_images
+
+    wsp = browser_workspace(browser_id)
+    summary = do_load_dataset(wsp, file_path(file) or (hub_id or "").strip(), "classification")
+    previews = preview_images(find_dataset(wsp, summary["dataset_id"]))
+    gallery = [(img, name) for name, imgs in previews.items() for img in imgs]
+    choices = dataset_choices(wsp)
+    return (summary_markdown(summary), counts_frame(summary), gallery,
+            gr.update(choices=choices, value=summary["dataset_id"]))
+
+
+def on_sample(browser_id):
+    return on_load_dataset(browser_id, str(SAMPLE_DATASET), "")
+
+
+def dataset_choices(wsp: Path) -> list[tuple[str, str]]:
+    from mmdemo.data import load_summary
+
+    rows = []
+    for path in sorted((wsp / "datasets").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        s = load_summary(path.parent)
+        rows.append((f"{s.dataset_id[:8]} · {len(s.classes)} classes · {s.num_train + s.num_val + s.num_test} images",
+                     s.dataset_id))
+    return rows
+
+
+def run_choices(wsp: Path) -> list[tuple[str, str]]:
+    from mmdemo.jobs import list_runs
+
+    return [(f"{r['run_id'][:8]} · {r['base_model']} · {r['method']} · {r['status']}", r["run_id"])
+            for r in list_runs(wsp, manager())]
+
+
+@user_errors
+def on_start(browser_id, dataset_id, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup,
+             augment, patience, seed):
+    wsp = browser_workspace(browser_id)
+    if not dataset_id:
+        raise UserInputError("Pick a dataset first: load one on the Dataset tab.")
+    run_id = do_start_training(wsp, dataset_id, base_model=base_model, method=method, epochs=int(epochs or 0),
+                               learning_rate=float(lr or 0), batch_size=int(batch or 0), image_size=int(image_size or 0),
+                               weight_decay=float(weight_decay), warmup_ratio=float(warmup), augment=bool(augment),
+                               early_stopping_patience=int(patience or 0), seed=int(seed or 0))
+    return gr.update(choices=run_choices(wsp), value=run_id)
+
+
+@user_errors
+def on_stop(browser_id, run_id):
+    if run_id:
+        do_stop(browser_workspace(browser_id), run_id)
+
+
+@user_errors
+def on_resume(browser_id, run_id):
+    from mmdemo.jobs import find_run, resume_training
+
+    if run_id:
+        resume_training(find_run(browser_workspace(browser_id), run_id), manager())
+
+
+def progress_html(status: dict) -> str:
+    step, total = status["step"], status["total_steps"] or 0
+    pct = 100 * step / total if total else 0
+    eta = f" · ETA {status['eta_s']:.0f} s" if status.get("eta_s") is not None and status["status"] == "running" else ""
+    msg = f"<div>{status['message']}</div>" if status.get("message") else ""
+    return (f"<div><b>{status['status']}</b> · step {step} / {total} · epoch {status['epoch']}{eta}</div>"
+            f"<progress id='train-progress' value='{step}' max='{max(total, 1)}' style='width:100%'></progress>{msg}")
+
+
+def on_tick(browser_id, run_id, reported):
+    """Timer tick: the selected run's status, plots and (once, when finished) its report."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"step": [], "loss": []})
+    if not browser_id or not run_id:
+        return "<div>No run selected.</div>", empty, gr.skip(), gr.skip(), gr.skip(), gr.skip(), reported
+    wsp = browser_workspace(browser_id)
+    try:
+        status = do_status(wsp, run_id)
+    except UserInputError as e:
+        return f"<div>{e}</div>", empty, gr.skip(), gr.skip(), gr.skip(), gr.skip(), reported
+    loss = pd.DataFrame(status["train_loss"] or [[0, None]], columns=["step", "loss"]).dropna()
+    val = pd.DataFrame([{"epoch": e, "value": v, "metric": m} for e, vl, acc in status["val"]
+                        for m, v in (("val_loss", vl), ("accuracy", acc))] or [{"epoch": 0, "value": None, "metric": "accuracy"}]).dropna()
+    finished = status["status"] in ("completed", "stopped")
+    # The report (which reads images) is built once per finished run, not on every tick.
+    key = f"{run_id}:{status['step']}"
+    if finished and reported != key:
+        return (progress_html(status), loss, val, *run_report(wsp, run_id), key)
+    return (progress_html(status), loss, val, gr.skip(), gr.skip(), gr.skip(), reported)
+
+
+def run_report(wsp: Path, run_id: str):
+    import json
+
+    import pandas as pd
+
+    from mmdemo.jobs import find_run, misclassified_examples
+
+    run_dir = find_run(wsp, run_id)
+    path = run_dir / "eval.json"
+    if not path.exists():
+        return gr.skip(), gr.skip(), gr.skip()
+    result = json.loads(path.read_text())
+    table = pd.DataFrame([{"class": "all", "precision": None, "recall": None, "f1": None, "support": result["num_val"],
+                           "accuracy": result["accuracy"]}]
+                         + [{"class": c, **m, "accuracy": None} for c, m in result["per_class"].items()])
+    cm = run_dir / "confusion_matrix.png"
+    return table, (str(cm) if cm.exists() else None), misclassified_examples(run_dir)
+
+
+@user_errors
+def on_refresh_choices(browser_id):
+    if not browser_id:
+        return gr.skip(), gr.skip(), gr.skip()
+    wsp = browser_workspace(browser_id)
+    runs = run_choices(wsp)
+    finished = [(label, rid) for label, rid in runs if "completed" in label or "stopped" in label]
+    return (gr.update(choices=dataset_choices(wsp)), gr.update(choices=runs),
+            gr.update(choices=[(DEFAULT_CHECKPOINT, "")] + finished))
+
+
+@user_errors
+def on_classify(browser_id, image, checkpoint):
+    if image is None:
+        raise UserInputError("Drop an image first (or click an example).")
+    return do_classify(browser_workspace(browser_id), image, checkpoint or "")
+
+
+def build_dataset_tab(browser_id):
+    with gr.Tab("Dataset"):
+        gr.Markdown("Upload a zip of class folders (`cats/1.jpg`, `dogs/2.jpg`), optional `train/`, `val/`, "
+                    "`test/` split folders, or a `metadata.csv` / `metadata.jsonl` with `file_name` and `label`.")
+        with gr.Row():
+            file = gr.File(label="Dataset (zip, csv or jsonl)", file_types=[".zip", ".csv", ".jsonl"], type="filepath")
+            with gr.Column():
+                hub_id = gr.Textbox(label="…or a Hugging Face Hub dataset id", placeholder="owner/name")
+                load = gr.Button("Load dataset", variant="primary")
+                sample = gr.Button("Use the sample dataset (3 shapes, 120 images)")
+        summary = gr.Markdown(elem_id="dataset-summary")
+        counts = gr.BarPlot(x="class", y="images", color="split", title="Images per class", height=260)
+        gallery = gr.Gallery(label="Examples per class", columns=8, height=300)
+    return file, hub_id, load, sample, summary, counts, gallery
+
+
+def build_train_tab():
+    with gr.Tab("Train"):
+        with gr.Row():
+            dataset = gr.Dropdown(label="Dataset", choices=[], elem_id="dataset-choice")
+            base_model = gr.Dropdown(label="Base model", choices=BASE_MODELS, value=BASE_MODELS[0], allow_custom_value=True,
+                                     info="efficientnet_lite0 works offline; other timm / transformers ids need the Hub; "
+                                          "a run id continues that run")
+            method = gr.Radio(METHODS, value="full", label="Method")
+        with gr.Row():
+            epochs = gr.Number(0, label="Epochs (0 = default)", precision=0)
+            lr = gr.Number(0, label="Learning rate (0 = default)")
+            batch = gr.Number(0, label="Batch size (0 = default)", precision=0)
+            image_size = gr.Number(0, label="Image size (0 = the model's)", precision=0)
+        with gr.Accordion("More settings", open=False):
+            with gr.Row():
+                weight_decay = gr.Number(0.01, label="Weight decay")
+                warmup = gr.Number(0.1, label="Warm-up ratio")
+                augment = gr.Checkbox(True, label="Augmentation")
+                patience = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
+                seed = gr.Number(0, label="Seed", precision=0)
+        with gr.Row():
+            start = gr.Button("Start", variant="primary", elem_id="start-training")
+            stop = gr.Button("Stop", variant="stop")
+            resume = gr.Button("Resume")
+            run = gr.Dropdown(label="Run", choices=[], elem_id="run-choice")
+        progress = gr.HTML("<div>No run selected.</div>", elem_id="train-status")
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot")
+            val_plot = gr.LinePlot(x="epoch", y="value", color="metric", title="Validation", height=260)
+        with gr.Row():
+            report = gr.Dataframe(label="Validation metrics", interactive=False)
+            confusion = gr.Image(label="Confusion matrix", type="filepath", height=320)
+        mistakes = gr.Gallery(label="Misclassified validation images", columns=8, height=260)
+    settings = [dataset, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup, augment, patience, seed]
+    return settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes
+
+
+def build_classify_tab():
+    with gr.Tab("Classify"):
+        checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", height=320)
+            labels = gr.Label(num_top_classes=5, label="Top 5", elem_id="classify-labels")
+        button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+        gr.Examples(EXAMPLES, inputs=image)
+    return checkpoint, image, labels, button
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="mmdemo: fine-tune vision models") as demo:
+        gr.Markdown("# mmdemo\nUpload labelled images, fine-tune a model, and try it, all in the browser.")
+        browser_id = gr.BrowserState("", storage_key="mmdemo-browser-id")
+        file, hub_id, load, sample, summary, counts, gallery = build_dataset_tab(browser_id)
+        settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes = build_train_tab()
+        checkpoint, image, labels, classify_button = build_classify_tab()
+        dataset = settings[0]
+        private = {"api_visibility": "private"}
+
+        demo.load(on_load_browser, browser_id, browser_id, **private).then(
+            on_refresh_choices, browser_id, [dataset, run, checkpoint], **private)
+        load.click(on_load_dataset, [browser_id, file, hub_id], [summary, counts, gallery, dataset], **private)
+        sample.click(on_sample, browser_id, [summary, counts, gallery, dataset], **private)
+        start.click(on_start, [browser_id, *settings], run, **private)
+        stop.click(on_stop, [browser_id, run], None, **private)
+        resume.click(on_resume, [browser_id, run], None, **private)
+        timer = gr.Timer(1.0)
+        reported = gr.State("")
+        timer.tick(on_tick, [browser_id, run, reported], [progress, loss_plot, val_plot, report, confusion, mistakes, reported],
+                   concurrency_limit=None, show_progress="hidden", **private)
+        gr.Timer(5.0).tick(on_refresh_choices, browser_id, [dataset, run, checkpoint], concurrency_limit=None,
+                           show_progress="hidden", **private)
+        classify_button.click(on_classify, [browser_id, image, checkpoint], labels, **private)
+        register_api()
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.queue(default_concurrency_limit=4).launch(max_file_size=MAX_UPLOAD)

@@ -1,0 +1,155 @@
+"""Command line: the same engine calls as the UI.
+
+    python -m mmdemo train --task classification --data PATH --output-dir DIR [--base-model NAME] ...
+    python -m mmdemo train --config RUN_DIR/config.yaml
+    python -m mmdemo predict --checkpoint DIR --task classification IMG...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserInputError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (also under torchrun / accelerate launch)")
+    p.add_argument("--config", help="a config.yaml; flags given as well override its values")
+    p.add_argument("--task", default=None, choices=["classification"])
+    p.add_argument("--data", help="a dataset: zip / folder / csv / jsonl, or an ingested dataset folder")
+    p.add_argument("--output-dir", help="the run directory to write")
+    p.add_argument("--base-model")
+    p.add_argument("--method", choices=["full", "head", "lora", "bitfit"])
+    for flag in ("epochs", "max-steps", "batch-size", "image-size", "seed", "early-stopping-patience",
+                 "log-every", "num-workers"):
+        p.add_argument(f"--{flag}", type=int)
+    for flag in ("learning-rate", "weight-decay", "warmup-ratio"):
+        p.add_argument(f"--{flag}", type=float)
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="run a checkpoint on images; one JSON line per image")
+    p.add_argument("--checkpoint", default="", help="a run directory or model folder ('' = ImageNet default)")
+    p.add_argument("--task", default="classification", choices=["classification"])
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+")
+
+
+def _config_from_args(args):
+    from .config import TrainConfig
+
+    keys = ("task", "data", "output_dir", "base_model", "method", "epochs", "max_steps", "batch_size", "image_size",
+            "seed", "early_stopping_patience", "log_every", "num_workers", "learning_rate", "weight_decay",
+            "warmup_ratio", "augment", "pretrained")
+    flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    values = {}
+    if args.config:
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserInputError(f"Config file {args.config} not found.")
+        values = yaml.safe_load(path.read_text()) or {}
+    values.update(flags)
+    missing = [k for k in ("data", "output_dir") if not values.get(k)]
+    if missing:
+        raise UserInputError("train needs " + " and ".join("--" + k.replace("_", "-") for k in missing)
+                             + " (or --config FILE.yaml).")
+    values["data"] = _ingested(values["data"], Path(values["output_dir"]))
+    return TrainConfig.from_dict(values)
+
+
+def _ingested(data: str, output_dir: Path) -> str:
+    """An ingested dataset folder as is; anything else (zip, folder, csv, Hub id) ingested first."""
+    from .data import ingest_dataset
+
+    if (Path(data) / "summary.json").is_file():
+        return data
+    # Under torchrun every rank runs this: rank 0 ingests, the others wait for its marker file.
+    workspace = output_dir.parent / (output_dir.name + "-data")
+    marker = workspace / "INGESTED"
+    if int(os.environ.get("RANK", "0")) == 0 and not marker.exists():
+        summary = ingest_dataset(data, workspace)
+        marker_tmp = workspace / ".INGESTED.tmp"
+        marker_tmp.write_text(summary.path)
+        marker_tmp.replace(marker)
+    else:
+        _wait_for(marker)
+    return marker.read_text().strip()
+
+
+def _wait_for(path: Path, timeout: float = 3600) -> None:
+    import time
+
+    start = time.time()
+    while not path.exists():
+        if time.time() - start > timeout:
+            raise UserInputError(f"Timed out waiting for the dataset to be ingested ({path}).")
+        time.sleep(0.5)
+
+
+def _run_train(args) -> int:
+    from .training import train, write_status
+
+    cfg = None
+    try:
+        cfg = _config_from_args(args)
+        result = train(cfg)
+    except BaseException as e:  # noqa: BLE001 - every failure must reach status.json
+        if cfg is not None and isinstance(e, Exception):
+            write_status(Path(cfg.output_dir), "failed", message=_failure_message(e))
+        if isinstance(e, UserInputError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print(json.dumps({"output_dir": cfg.output_dir, "accuracy": result["accuracy"], "val_loss": result["val_loss"]}))
+    return 0
+
+
+def _failure_message(e: Exception) -> str:
+    import torch
+
+    if isinstance(e, UserInputError):
+        return str(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("Out of memory. Try a smaller batch size, a smaller image size, or the 'lora' or 'head' "
+                "method; the last checkpoint is kept and the run can be resumed.")
+    return f"Training failed: {type(e).__name__}: {e}. The last checkpoint is kept; see train.log."
+
+
+def _run_predict(args) -> int:
+    from PIL import Image
+
+    from .inference import classify
+
+    for path in args.images:
+        try:
+            with Image.open(path) as img:
+                result = classify(img, args.checkpoint or None, args.top_k)
+            print(json.dumps({"image": path, "labels": result}))
+        except (OSError, UserInputError) as e:
+            print(json.dumps({"image": path, "error": str(e)}))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmdemo", description="Fine-tune and run vision models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _predict_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _run_train(args) if args.command == "train" else _run_predict(args)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

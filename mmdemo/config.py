@@ -1,0 +1,132 @@
+"""One typed, validated configuration per training run, saved as run_dir/config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserInputError
+
+TASKS = ("classification",)
+METHODS = ("full", "head", "lora", "bitfit")
+DEFAULT_MODELS = {"classification": "efficientnet_lite0"}
+
+# Per-method defaults, used where the user leaves a value at 0 / "".  A frozen backbone takes a
+# larger step size; LoRA sits in between (its update is low rank and starts at zero).
+METHOD_DEFAULTS = {
+    "full": {"learning_rate": 1e-3, "epochs": 4, "batch_size": 16},
+    "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
+    "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
+    "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; 0 / "" fields take the method's default.
+
+    ``image_size`` 0 means the base model's own input size (resolved when the model is built).
+
+    Construction validates every field and raises one ``UserInputError`` listing all problems.
+    """
+
+    data: str
+    output_dir: str
+    task: str = "classification"
+    base_model: str = ""
+    method: str = "full"
+    pretrained: bool = True
+    epochs: int = 0
+    max_steps: int = 0
+    batch_size: int = 0
+    image_size: int = 0
+    learning_rate: float = 0.0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    label_smoothing: float = 0.1
+    augment: bool = True
+    early_stopping_patience: int = 0
+    seed: int = 0
+    log_every: int = 1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "auto"
+    num_workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = self._problems()
+        if problems:
+            raise UserInputError("; ".join(problems))
+        defaults = METHOD_DEFAULTS[self.method]
+        # Frozen dataclass: fill the defaults once, so config.yaml holds the resolved values.
+        set_ = object.__setattr__
+        if not self.base_model:
+            set_(self, "base_model", DEFAULT_MODELS[self.task])
+        for name in ("learning_rate", "epochs", "batch_size"):
+            if not getattr(self, name):
+                set_(self, name, defaults[name])
+
+    def _problems(self) -> list[str]:
+        p = []
+        if self.task not in TASKS:
+            p.append(f"task must be one of {', '.join(TASKS)} (got {self.task!r})")
+        if self.method not in METHODS:
+            p.append(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if not str(self.data):
+            p.append("data must name an ingested dataset directory")
+        for name in ("epochs", "max_steps", "batch_size", "image_size", "early_stopping_patience", "seed",
+                     "num_workers"):
+            if int(getattr(self, name)) < 0:
+                p.append(f"{name} must be 0 (default) or more (got {getattr(self, name)})")
+        if self.learning_rate < 0:
+            p.append(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.image_size and not 32 <= self.image_size <= 1024:
+            p.append(f"image_size must be between 32 and 1024 pixels (got {self.image_size})")
+        if self.batch_size > 4096:
+            p.append(f"batch_size must be at most 4096 (got {self.batch_size})")
+        if not 0 <= self.weight_decay < 1:
+            p.append(f"weight_decay must be in [0, 1) (got {self.weight_decay})")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.label_smoothing < 1:
+            p.append(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if self.log_every < 1 or self.gradient_accumulation_steps < 1 or self.lora_r < 1:
+            p.append("log_every, gradient_accumulation_steps and lora_r must be at least 1")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
+        return p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        """Writes the resolved config as YAML (atomically: temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserInputError(
+                f"Unknown config keys: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserInputError(f"Could not read config {path.name}: {e}. Fix the YAML syntax.") from None
+        if not isinstance(values, dict):
+            raise UserInputError(f"Config {path.name} must be a YAML mapping of key: value lines.")
+        return cls.from_dict(values)

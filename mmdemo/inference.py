@@ -1,0 +1,84 @@
+"""Predictions from a run directory, a model folder, a Hub id or the embedded default; cached."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import UserInputError
+from .images import normalize, resize_center_crop
+from .models import META_FILE, Classifier, build_classifier, imagenet_classifier, load_classifier
+
+_lock = threading.Lock()
+
+
+def model_dir_of(checkpoint: str | Path) -> Path | None:
+    """A run directory or a model folder -> the folder holding mmdemo.json; None for anything else."""
+    path = Path(str(checkpoint))
+    for candidate in (path / "model", path):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_predictor(checkpoint: str | Path | None = None) -> Classifier:
+    """The classifier for ``checkpoint`` ("" / None = the offline ImageNet default), cached."""
+    checkpoint = str(checkpoint or "").strip()
+    model_dir = model_dir_of(checkpoint) if checkpoint else None
+    if model_dir is not None:
+        # The folder's mtime is part of the key, so a run that is saved again is reloaded.
+        return _cached(str(model_dir), model_dir.stat().st_mtime_ns)
+    if checkpoint and Path(checkpoint).exists():
+        raise UserInputError(f"'{Path(checkpoint).name}' holds no trained model yet; wait for the run to finish.")
+    return _cached(checkpoint, 0)
+
+
+@lru_cache(maxsize=4)
+def _cached(key: str, _mtime: int) -> Classifier:
+    if not key:
+        clf = imagenet_classifier()
+    elif Path(key).is_dir():
+        clf = load_classifier(key)
+    else:
+        clf = _hub_classifier(key)
+    return clf.eval()
+
+
+def _hub_classifier(name: str) -> Classifier:
+    # A Hub classifier keeps its own head and labels: build with its label set from its config.
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        # Not a transformers id (or the Hub is unreachable): the registry gives the clear error.
+        clf, _ = build_classifier(name, [str(i) for i in range(1000)], True)
+        return clf
+    labels = [config.id2label[i] for i in range(len(config.id2label))]
+    clf, _ = build_classifier(name, labels, True)
+    return clf
+
+
+@torch.no_grad()
+def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dict[str, float]:
+    """Top-k labels with probabilities for one PIL image.
+
+    Args:
+        image: a PIL image (any mode).
+        checkpoint: a run directory, a model folder, a Hub id, or None for the ImageNet default.
+        top_k: how many labels to return.
+    """
+    if image is None:
+        raise UserInputError("No image given: drop an image first.")
+    clf = load_predictor(checkpoint)
+    pre = clf.preprocess
+    x = resize_center_crop(image, pre.image_size, pre.crop_pct)[None]
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    with _lock:  # one forward at a time per process: torch already uses every core for one
+        probs = clf(normalize(x, mean, std)).float().softmax(-1)[0]
+    top = probs.topk(min(top_k, len(probs)))
+    return {clf.labels[i]: round(float(p), 5) for p, i in zip(top.values, top.indices)}

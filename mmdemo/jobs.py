@@ -1,0 +1,247 @@
+"""Training jobs as child processes: start, queue, status snapshots, stop, resume, list.
+
+The web server never trains in its own process: a crash or an out-of-memory error in training cannot
+take it down, and GPU memory is freed when the child exits. Run directories are the source of truth,
+so a page reload, a second tab or an app restart all see the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import UserInputError
+from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, write_status
+
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ACTIVE = ("queued", "running")
+
+
+def runs_dir(workspace) -> Path:
+    return Path(workspace) / "runs"
+
+
+def find_run(workspace, run_id: str) -> Path:
+    """The run directory for ``run_id`` inside this workspace, or a UserInputError."""
+    run_id = (run_id or "").strip()
+    run_dir = runs_dir(workspace) / run_id
+    if not ID_RE.match(run_id) or not (run_dir / "config.yaml").is_file():
+        raise UserInputError(f"Unknown run id '{run_id[:40]}'. Start a training run first, or pick one from the list.")
+    return run_dir
+
+
+class JobManager:
+    """Starts training children, at most ``max_concurrent`` at a time (one GPU job by default);
+    the rest wait in a FIFO queue that a background thread drains."""
+
+    def __init__(self, max_concurrent: int | None = None):
+        self.max_concurrent = max_concurrent or int(os.environ.get("MMDEMO_MAX_JOBS", "1"))
+        self._procs: dict[Path, subprocess.Popen] = {}
+        self._queue: list[Path] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain_forever, daemon=True)
+        self._thread.start()
+
+    def submit(self, run_dir: Path) -> None:
+        with self._lock:
+            write_status(run_dir, "queued", message="Waiting for a free slot.", queued=time.time())
+            self._queue.append(Path(run_dir))
+        self._drain()
+
+    def queue_position(self, run_dir: Path) -> int | None:
+        with self._lock:
+            return self._queue.index(Path(run_dir)) + 1 if Path(run_dir) in self._queue else None
+
+    def is_alive(self, run_dir: Path) -> bool:
+        proc = self._procs.get(Path(run_dir))
+        return proc is not None and proc.poll() is None
+
+    def stop(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        with self._lock:
+            if run_dir in self._queue:
+                self._queue.remove(run_dir)
+                write_status(run_dir, "stopped", message="Stopped before it started.")
+                return
+        (run_dir / STOP_FILE).touch()
+
+    def _drain_forever(self) -> None:
+        while True:
+            time.sleep(0.5)
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._lock:
+            for run_dir, proc in list(self._procs.items()):
+                if proc.poll() is not None:
+                    del self._procs[run_dir]
+                    _mark_crashed(run_dir, proc.returncode)
+            while self._queue and len(self._procs) < self.max_concurrent:
+                run_dir = self._queue.pop(0)
+                self._procs[run_dir] = _launch(run_dir)
+
+
+def _launch(run_dir: Path) -> subprocess.Popen:
+    # The same command a user runs headless; its output goes to train.log for post-mortems.
+    log = open(run_dir / "train.log", "ab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmdemo", "train", "--config", str(run_dir / "config.yaml")],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    log.close()
+    write_status(run_dir, "running", message="Starting: loading the data and the model.", pid=proc.pid)
+    return proc
+
+
+def _mark_crashed(run_dir: Path, returncode: int) -> None:
+    status = read_status_file(run_dir)
+    if status.get("status") in ACTIVE:
+        write_status(run_dir, "failed", message=f"The training process exited unexpectedly (exit code "
+                     f"{returncode}). The last checkpoint is kept: press Resume to continue. {_log_tail(run_dir)}")
+
+
+def _log_tail(run_dir: Path, lines: int = 3) -> str:
+    try:
+        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "Last log lines: " + " | ".join(tail) if tail else ""
+
+
+def read_status_file(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All complete lines of metrics.jsonl (a line being written is skipped until it is whole)."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):
+                    records.append(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
+    """The status snapshot the UI and the API show, built from the run directory alone."""
+    run_dir = Path(run_dir)
+    status = read_status_file(run_dir)
+    state = status.get("status", "queued")
+    live = manager is not None and manager.is_alive(run_dir)
+    if state == "running" and not live and not _pid_alive(status.get("pid")):
+        # The app restarted (or the child died unseen): the directory says running, nothing runs.
+        state = "failed"
+        status["message"] = "Interrupted: the app restarted while this run was training. Press Resume to continue."
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    step = train[-1]["step"] if train else 0
+    total = status.get("total_steps") or 0
+    snapshot = {
+        "run_id": run_dir.name, "status": state, "step": step, "total_steps": total,
+        "epoch": train[-1]["epoch"] if train else 0, "eta_s": _eta(train, total),
+        "train_loss": [[r["step"], r["loss"]] for r in train],
+        "val": [[r["epoch"], r["val_loss"], r["accuracy"]] for r in evals],
+        "metrics": status.get("metrics") or {}, "message": status.get("message", ""),
+    }
+    if state == "queued" and manager is not None:
+        position = manager.queue_position(run_dir)
+        if position:
+            snapshot["message"] = f"Queued: position {position} (one training job runs at a time)."
+    return snapshot
+
+
+def _eta(train: list[dict], total: int) -> float | None:
+    if len(train) < 2 or not total:
+        return None
+    recent = train[-20:]
+    per_step = (recent[-1]["time"] - recent[0]["time"]) / max(1, recent[-1]["step"] - recent[0]["step"])
+    return round(max(0.0, (total - recent[-1]["step"]) * per_step), 1)
+
+
+def new_run_config(workspace, dataset_dir, **params) -> TrainConfig:
+    """A validated config for a new run directory in ``workspace`` (nothing written yet)."""
+    params = {k: v for k, v in params.items() if v not in (None, "")}
+    base = str(params.get("base_model", "")).strip()
+    if ID_RE.match(base):  # a previous run of this workspace: continue fine-tuning it
+        params["base_model"] = str(find_run(workspace, base))
+    run_dir = runs_dir(workspace) / uuid.uuid4().hex
+    return TrainConfig(data=str(dataset_dir), output_dir=str(run_dir), **params)
+
+
+def start_training(cfg: TrainConfig, manager: JobManager) -> str:
+    """Writes the run directory's config and queues the child; returns the run id."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    manager.submit(run_dir)
+    return run_dir.name
+
+
+def resume_training(run_dir: Path, manager: JobManager) -> dict:
+    """Continues a stopped / failed run from its last checkpoint (the same run directory)."""
+    state = run_status(run_dir, manager)["status"]
+    if state in ACTIVE:
+        raise UserInputError("This run is still active; stop it before resuming.")
+    manager.submit(run_dir)
+    return {"status": "queued"}
+
+
+def list_runs(workspace, manager: JobManager | None = None) -> list[dict]:
+    """This workspace's runs, newest first, with task, base model, method, status and metrics."""
+    import yaml
+
+    rows = []
+    for run_dir in runs_dir(workspace).glob("*/config.yaml"):
+        run_dir = run_dir.parent
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        snap = run_status(run_dir, manager)
+        rows.append({"run_id": run_dir.name, "task": cfg.get("task"), "base_model": _short(cfg.get("base_model", "")),
+                     "method": cfg.get("method"), "status": snap["status"], "metrics": snap["metrics"],
+                     "created": (run_dir / "config.yaml").stat().st_mtime,
+                     "has_model": (run_dir / "model").is_dir()})
+    return sorted(rows, key=lambda r: r["created"], reverse=True)
+
+
+def _short(base_model: str) -> str:
+    # A continued run's base is a path inside the workspace: show its run id, never the path.
+    path = Path(base_model)
+    return path.name if path.is_absolute() else base_model
+
+
+def misclassified_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
+    """(image, "true → predicted") pairs of validation images the final model got wrong."""
+    import yaml
+
+    from .data import load_splits
+
+    result = json.loads((Path(run_dir) / "eval.json").read_text())
+    rows = result.get("misclassified", [])[:limit]
+    if not rows:
+        return []
+    data = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("data", "")
+    validation = load_splits(data)["validation"]
+    return [(validation[r["row"]]["image"], f"{r['label']} → {r['predicted']}") for r in rows]
