@@ -5,8 +5,6 @@ so labels and counts match what `load_dataset("imagefolder", ...)` reports; each
 decoded once, normalised to a small RGB image and stored, so training never meets a bad file.
 """
 
-from __future__ import annotations
-
 import csv
 import hashlib
 import io
@@ -46,10 +44,10 @@ class DatasetSummary:
     classes: list[str]
     counts: dict[str, dict[str, int]]
     warnings: list[str] = field(default_factory=list)
-    path: str = ""
+    path: str = ""  # set on load from where the folder is now; never sent to the browser
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "path"}
 
 
 def ingest_dataset(source, workspace, task="classification", *, val_fraction=0.2, seed=0, max_side=256):
@@ -90,7 +88,7 @@ def load_summary(dataset_dir) -> DatasetSummary:
     path = Path(dataset_dir) / "summary.json"
     if not path.is_file():
         raise UserInputError(f"No dataset summary in '{Path(dataset_dir).name}'; upload the dataset again.")
-    data = json.loads(path.read_text())
+    data = {**json.loads(path.read_text()), "path": str(Path(dataset_dir).resolve())}
     return DatasetSummary(**{f.name: data[f.name] for f in fields(DatasetSummary) if f.name in data})
 
 
@@ -123,7 +121,7 @@ def preview_images(dataset_dir, per_class=6, split="train"):
 
 def find_dataset(workspace, dataset_id) -> Path:
     """Returns the folder of an ingested dataset; the id must be one ingest_dataset gave out."""
-    path = Path(workspace) / "datasets" / str(dataset_id)
+    path = Path(workspace).resolve() / "datasets" / str(dataset_id)
     # hex only: the id comes from the browser and must never walk out of the workspace
     if not re.fullmatch(r"[0-9a-f]{32}", str(dataset_id)) or not (path / "summary.json").is_file():
         raise UserInputError(f"Unknown dataset id {str(dataset_id)[:40]!r}; upload a dataset first.")
@@ -149,13 +147,15 @@ def _load_raw(source, work):
         if path.stat().st_size == 0:
             raise UserInputError(f"'{path.name}' is empty (0 bytes); upload it again.")
         if path.suffix.lower() in (".csv", ".jsonl"):
+            if path.suffix not in (".csv", ".jsonl"):  # the builder picks the metadata reader by exact suffix
+                raise UserInputError(f"Rename '{path.name}' to end in lower-case {path.suffix.lower()} and upload it "
+                                     "again.")
             warnings = _check_metadata(path, path.name)
             return _load_folder(path.parent, work, path.name, metadata=path.name), path.parent, warnings
-        if path.suffix.lower() != ".zip" and not zipfile.is_zipfile(path):
-            raise UserInputError(f"'{path.name}' is not a supported upload; upload a .zip of class folders, "
-                                 "a folder, or a metadata .csv/.jsonl file.")
-        root = _extract_zip(path, work / "extract")
-        display = path.name
+        if not zipfile.is_zipfile(path):
+            raise UserInputError(f"'{path.name}' is not a zip archive; upload a .zip of class folders, a folder, "
+                                 "or a metadata .csv/.jsonl file.")
+        root, display = _extract_zip(path, work / "extract"), path.name
     elif path.is_dir():
         root, display = path.resolve(), path.resolve().name
     elif HUB_ID.fullmatch(str(source)) and path.suffix.lower() not in (".zip", ".csv", ".jsonl"):
@@ -165,7 +165,8 @@ def _load_raw(source, work):
     if not _list_images(root):
         raise UserInputError(f"No images found in '{display}'; it needs image files (JPEG, PNG, WebP, BMP, "
                              "GIF, TIFF) in one folder per class, e.g. cats/1.jpg and dogs/2.jpg.")
-    warnings = [w for meta in _metadata_files(root) for w in _check_metadata(meta, meta.relative_to(root))]
+    metadata = sorted(p for name in METADATA_NAMES for p in root.rglob(name) if not _is_junk(p.relative_to(root)))
+    warnings = [w for meta in metadata for w in _check_metadata(meta, meta.relative_to(root))]
     raw = _load_folder(root, work, display)
     if "label" not in raw[next(iter(raw))].features:
         _explain_missing_labels(root, display, list(raw))
@@ -181,7 +182,7 @@ def _is_junk(rel_path) -> bool:
 def _image_extensions() -> set[str]:
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    return set(ImageFolder.EXTENSIONS)
+    return set(ImageFolder.EXTENSIONS)  # the builder's own list, so we count exactly what it loads
 
 
 def _list_images(root: Path) -> list[str]:
@@ -190,16 +191,9 @@ def _list_images(root: Path) -> list[str]:
     return sorted(p.as_posix() for p in found if p.suffix.lower() in exts and not _is_junk(p))
 
 
-def _metadata_files(root: Path) -> list[Path]:
-    return sorted(p for name in METADATA_NAMES for p in root.rglob(name) if not _is_junk(p.relative_to(root)))
-
-
 def _extract_zip(zip_path: Path, dest: Path) -> Path:
     """Extracts images and metadata files only, after checking every member is safe."""
     name = zip_path.name
-    if not zipfile.is_zipfile(zip_path):
-        raise UserInputError(f"'{name}' is not a zip archive; compress your dataset folder to a .zip and "
-                             "upload that.")
     try:
         with zipfile.ZipFile(zip_path) as archive:
             members = archive.infolist()
@@ -214,8 +208,9 @@ def _extract_zip(zip_path: Path, dest: Path) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, EOFError, NotImplementedError) as error:
-        raise UserInputError(f"'{name}' is damaged ({error}); create the zip again and re-upload.") from None
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as error:  # RuntimeError: encrypted
+        raise UserInputError(f"'{name}' is damaged or password-protected ({error}); create the zip again "
+                             "without a password and re-upload.") from None
     dest.mkdir(parents=True, exist_ok=True)
     return dest
 
@@ -228,9 +223,6 @@ def _check_members(members, name):
         if rel.startswith("/") or re.match(r"[A-Za-z]:", rel) or ".." in rel.split("/") or is_link:
             raise UserInputError(f"'{name}' contains an unsafe entry '{info.filename}' (absolute path, '..' "
                                  "or symlink); zip the dataset folder itself and upload that.")
-        if info.flag_bits & 0x1:
-            raise UserInputError(f"'{name}' is password-protected ('{info.filename}'); upload a zip "
-                                 "without a password.")
         total += info.file_size
     if total > MAX_UNZIPPED_BYTES:
         raise UserInputError(f"'{name}' unpacks to {total / 2**30:.1f} GB, more than the "
@@ -243,16 +235,22 @@ def _check_metadata(meta: Path, display) -> list[str]:
     first = next((line for line in lines if line.strip()), None)
     if first is None:
         raise UserInputError(f"'{display}' is empty; it needs a header 'file_name,label' and one row per image.")
-    try:
-        columns = next(csv.reader([first])) if meta.suffix == ".csv" else list(json.loads(first))
-    except (ValueError, TypeError):
-        raise UserInputError(f"The first line of '{display}' is not a JSON object; write one object per "
-                             'line, e.g. {"file_name": "cats/1.jpg", "label": "cat"}.') from None
-    columns = [c.strip() for c in columns]
+    if meta.suffix == ".csv":
+        columns = next(csv.reader([first]))
+    else:
+        try:
+            row = json.loads(first)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise UserInputError(f"The first line of '{display}' is not a JSON object; write one object per "
+                                 'line, e.g. {"file_name": "cats/1.jpg", "label": "cat"}.')
+        columns = list(row)
+    # exact names: the builder does not strip spaces or fold case either
     if "file_name" not in columns or "label" not in columns:
         raise UserInputError(f"'{display}' has columns {', '.join(columns) or '(none)'}; expected 'file_name' "
-                             "(image path relative to that file) and 'label'. Rename the columns, or remove "
-                             "the file to use folder names as labels.")
+                             "(image path relative to that file) and 'label', in lower case. Rename the columns, "
+                             "or remove the file to use folder names as labels.")
     extra = [c for c in columns if c not in ("file_name", "label")]
     return [f"Ignored columns in '{display}': {', '.join(extra)}."] if extra else []
 
@@ -364,7 +362,9 @@ def _decode_example(example, index, root, max_side, label_names):
     try:
         image, fmt = _open_rgb(ref, max_side)
     except Exception as error:  # any decoder failure means a bad file, never a crashed ingest
-        out["error"] = _describe(error)
+        too_large = "too large" in str(error) or type(error).__name__ == "DecompressionBombError"
+        out["error"] = "file not found" if isinstance(error, FileNotFoundError) else (
+            "too large" if too_large else "not a readable image")
         return out
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
@@ -373,23 +373,13 @@ def _decode_example(example, index, root, max_side, label_names):
     return out
 
 
-def _describe(error) -> str:
-    if isinstance(error, FileNotFoundError):
-        return "file not found"
-    if isinstance(error, ValueError) and "too large" in str(error):
-        return str(error)
-    if type(error).__name__ == "DecompressionBombError":
-        return "too large"
-    return "not a readable image"
-
-
 def _open_rgb(ref, max_side):
     """Decodes one image to RGB (EXIF rotation applied, alpha on white), longer side <= max_side."""
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]) as image:
         if image.width * image.height > MAX_PIXELS:
-            raise ValueError(f"too large: {image.width}x{image.height} pixels")
+            raise ValueError("too large")
         fmt = "JPEG" if image.format == "JPEG" else "PNG"  # re-encoding a JPEG as PNG only costs disk
         image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2..1/8 scale: far less memory and time
         image = _to_rgb(ImageOps.exif_transpose(image))
@@ -400,13 +390,8 @@ def _open_rgb(ref, max_side):
 def _to_rgb(image):
     from PIL import Image
 
-    if image.mode.startswith("I") or image.mode == "F":
-        import numpy as np
-
-        pixels = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or pixels.max() > 255:
-            pixels = pixels / 257.0  # 16-bit range to 8-bit
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits, a plain convert clips it to white
+        image = image.convert("I").point(lambda v: v * (1 / 257))
     if image.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA":
@@ -417,31 +402,29 @@ def _to_rgb(image):
 
 
 def _decode_splits(raw, root, work, max_side, warnings):
-    """Decodes every split once; returns {split: (dataset, labels, digests, sources)}, classes, warnings."""
+    """Decodes every split once, keeping `source` and `digest` columns for the checks that follow."""
     import datasets
 
-    names = _label_names(raw)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
-                                  "source": datasets.Value("string"), "digest": datasets.Value("string"),
-                                  "error": datasets.Value("string")})
+    features = datasets.Features({"image": datasets.Image(), **{k: datasets.Value("string") for k in
+                                  ("label", "source", "digest", "error")}})
     decoded, skipped = {}, []
     for split, ds in raw.items():
         ds = ds.cast_column("image", datasets.Image(decode=False))
-        label_names = ds.features["label"].names if isinstance(ds.features["label"], datasets.ClassLabel) else None
+        feature = ds.features["label"]
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
         # an explicit cache file keeps decoded copies of Hub datasets out of the user's HF cache
         ds = ds.map(_decode_example, with_indices=True, features=features, remove_columns=ds.column_names,
-                    fn_kwargs={"root": root, "max_side": max_side, "label_names": label_names},
+                    fn_kwargs={"root": root, "max_side": max_side, "label_names": names},
                     cache_file_name=str(work / f"decoded-{split}.arrow"))
         errors = ds["error"]
-        skipped += [f"{s} ({e})" for s, e in zip(ds["source"], errors) if e]
-        ds = ds.select([i for i, e in enumerate(errors) if not e])
-        decoded[split] = (ds, list(ds["label"]), list(ds["digest"]), list(ds["source"]))
-    if not any(len(parts[1]) for parts in decoded.values()):
+        skipped += [f"{source} ({error})" for source, error in zip(ds["source"], errors) if error]
+        decoded[split] = ds.select([i for i, error in enumerate(errors) if not error])
+    if not any(len(ds) for ds in decoded.values()):
         raise UserInputError(f"None of the images could be read, so nothing usable is left (e.g. {skipped[0]}); "
                              "upload JPEG, PNG, WebP, BMP, GIF or TIFF images.")
     if skipped:
         warnings = warnings + [f"Skipped {_count(len(skipped), 'unreadable image')}: {_first(skipped, 10)}"]
-    return decoded, names, warnings
+    return decoded, _label_names(raw), warnings
 
 
 def _label_names(raw) -> list[str]:
@@ -462,21 +445,18 @@ def _ensure_validation(splits, classes, val_fraction, seed):
     if "train" not in splits:
         raise UserInputError(f"Found only {', '.join(s + '/' for s in splits)}; add a train/ folder, or put the "
                              "class folders at the top of the zip.")
-    train_counts = Counter(splits["train"][1])
-    has_val = "validation" in splits
+    train_counts = Counter(splits["train"]["label"])
     for name in classes:
         if train_counts[name] == 0:
             raise UserInputError(f"Class '{name}' has no usable training images; add images to it or remove it "
                                  "(folders named like train, val or test are treated as splits).")
-        if train_counts[name] == 1 and not has_val:
+        if train_counts[name] == 1 and "validation" not in splits:
             raise UserInputError(f"Class '{name}' has only 1 image, so it cannot be split into training and "
                                  "validation; add at least one more image to it.")
-    if has_val:
+    if "validation" in splits:
         return splits
-    ds, labels, digests, sources = splits.pop("train")
-    train_idx, val_idx = _stratified_indices(labels, val_fraction, seed)
-    pick = lambda idx: (ds.select(idx), *([part[i] for i in idx] for part in (labels, digests, sources)))  # noqa: E731
-    return {"train": pick(train_idx), "validation": pick(val_idx), **splits}
+    train_idx, val_idx = _stratified_indices(list(splits["train"]["label"]), val_fraction, seed)
+    return {**splits, "train": splits["train"].select(train_idx), "validation": splits["train"].select(val_idx)}
 
 
 def _stratified_indices(labels, val_fraction, seed):
@@ -496,18 +476,17 @@ def _stratified_indices(labels, val_fraction, seed):
 
 def _quality_warnings(splits, classes) -> list[str]:
     warnings = []
-    counts = Counter(splits["train"][1])
+    counts = Counter(splits["train"]["label"])
     big, small = max(classes, key=counts.__getitem__), min(classes, key=counts.__getitem__)
     if counts[big] > 3 * counts[small]:
         warnings.append(f"Classes are imbalanced: '{big}' has {counts[big]} training images but '{small}' only "
                         f"{counts[small]}; add images to the smaller classes or expect lower accuracy on them.")
-    seen = set(splits["train"][2])
-    dupes = [f"{split}: {src}" for split, (_, _, digests, sources) in splits.items() if split != "train"
-             for digest, src in zip(digests, sources) if digest in seen]
+    seen = set(splits["train"]["digest"])
+    dupes = [f"{split}: {source}" for split, ds in splits.items() if split != "train"
+             for digest, source in zip(ds["digest"], ds["source"]) if digest in seen]
     if dupes:
-        verb = "is" if len(dupes) == 1 else "are"
-        warnings.append(f"{_count(len(dupes), 'validation/test image')} {verb} identical to training images ({_first(dupes, 5)}); "
-                        "remove the copies so the scores are not inflated.")
+        warnings.append(f"Found {_count(len(dupes), 'validation/test image')} identical to training images "
+                        f"({_first(dupes, 5)}); remove the copies so the scores are not inflated.")
     return warnings
 
 
@@ -523,11 +502,11 @@ def _save(splits, classes, warnings, task, workspace, work, dataset_id) -> Datas
     """Writes data/ and summary.json to a staging dir, then moves it into place in one rename."""
     import datasets
 
-    label = datasets.ClassLabel(names=classes)
     final = workspace / "datasets" / dataset_id
-    out = datasets.DatasetDict({s: splits[s][0].select_columns(["image", "label"]).cast_column("label", label)
+    label = datasets.ClassLabel(names=classes)
+    out = datasets.DatasetDict({s: splits[s].select_columns(["image", "label"]).cast_column("label", label)
                                 for s in ("train", "validation", "test") if s in splits})
-    tallies = {s: Counter(splits[s][1]) for s in out}
+    tallies = {s: Counter(splits[s]["label"]) for s in out}
     counts = {s: {c: tallies[s][c] for c in classes} for s in out}
     summary = DatasetSummary(dataset_id, task, len(out["train"]), len(out["validation"]),
                              len(out["test"]) if "test" in out else 0, classes, counts, warnings, str(final))

@@ -10,7 +10,7 @@ import torch
 
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
-from .models import META_FILE, Classifier, build_classifier, imagenet_classifier, load_classifier
+from .models import META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
 
 _lock = threading.Lock()
 
@@ -51,6 +51,7 @@ def _hub_classifier(name: str) -> Classifier:
     # A Hub classifier keeps its own head and labels: build with its label set from its config.
     from transformers import AutoConfig
 
+    ensure_hub(name)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):

@@ -11,7 +11,9 @@ Families:
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,9 +131,33 @@ def imagenet_classifier() -> Classifier:
     return clf
 
 
+def ensure_hub(name: str) -> None:
+    """Fails fast, with the offline choices, when the Hub cannot be reached: the libraries' own
+    retries take minutes on a machine without a route out."""
+    if not hub_reachable():
+        raise UserInputError(f"Could not fetch '{name}': the Hugging Face Hub is unreachable from this machine "
+                             f"(offline mode or no network). {OFFLINE_HINT}")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _build_timm(name, labels, pretrained) -> Classifier:
     import timm
 
+    if pretrained:
+        ensure_hub(name)
     try:
         net = timm.create_model(name, pretrained=pretrained, num_classes=len(labels))
     except RuntimeError as e:
@@ -165,6 +191,8 @@ def _build_transformers(name, labels, pretrained, local=False) -> Classifier:
 
     id2label = {i: label for i, label in enumerate(labels)}
     kwargs = dict(num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    if not local:
+        ensure_hub(name)
     try:
         if pretrained:
             net = AutoModelForImageClassification.from_pretrained(name, ignore_mismatched_sizes=True, **kwargs)
@@ -175,7 +203,7 @@ def _build_transformers(name, labels, pretrained, local=False) -> Classifier:
         if local:
             raise UserInputError(f"The folder '{Path(name).name}' is not a loadable image classifier: {e}") from None
         raise UserInputError(
-            f"Unknown model '{name}': it is not a timm model name, and it could not be loaded as a "
+            f"Could not load '{name}': it is not a timm model name, and it could not be loaded as a "
             f"transformers model from the Hugging Face Hub ({type(e).__name__}). {OFFLINE_HINT}") from None
     return Classifier(net, "transformers", labels, _linear_head_name(net, len(labels)),
                       _processor_preprocess(processor), name)

@@ -98,7 +98,10 @@ def train(cfg: TrainConfig) -> dict:
 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(mixed_precision=_precision(cfg), gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    # cpu=True on a machine without a GPU: only then does accelerate join torchrun's CPU processes
+    # (gloo) instead of running each as a world of its own.
+    acc = Accelerator(mixed_precision=_precision(cfg), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(cfg.seed)
     splits = load_splits(cfg.data)

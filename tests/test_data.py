@@ -123,14 +123,32 @@ def test_wrapping_top_folder_is_tolerated(tmp_path):
 def test_directory_source(tmp_path):
     root = _write_tree(tmp_path / "folder", _classes(3))
     summary = ingest_dataset(root, tmp_path / "ws")
-    assert summary.classes == ["cats", "dogs"] and summary.num_train + summary.num_val == 6
+    assert summary.classes == ["cats", "dogs"] and _all_counts(summary) == _reference(tmp_path, root)["train"]
 
 
-def test_csv_source_with_any_name_resolves_paths_next_to_it(tmp_path):
+def test_windows_zip_paths_and_excel_csv_with_bom(tmp_path):
+    files = {f"cats\\{i}.png": _image_bytes((i, 50, 0)) for i in range(4)}
+    files["metadata.csv"] = "\ufefffile_name,label\r\n" + "".join(f"cats/{i}.png,{'ab'[i % 2]}\r\n" for i in range(4))
+    summary = _ingest_files(tmp_path, files)
+    assert summary.classes == ["a", "b"] and _all_counts(summary) == {"a": 2, "b": 2}
+
+
+def test_images_the_builder_leaves_out_are_named(tmp_path):
+    files = {**_classes(2, prefix="train/"), "extra/cats/9.png": _image_bytes((9, 9, 9))}
+    summary = _ingest_files(tmp_path, files)
+    assert _all_counts(summary) == {"cats": 2, "dogs": 2}
+    assert any(w.startswith("Ignored 1 image outside the split folders") and "extra/cats/9.png" in w
+               for w in summary.warnings)
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "labels.jsonl"])
+def test_metadata_file_source_with_any_name_resolves_paths_next_to_it(tmp_path, name):
     files = {f"pics/{i}.png": _image_bytes((0, 0, i * 30)) for i in range(6)}
-    files["labels.csv"] = "file_name,label\n" + "".join(f"pics/{i}.png,{'a' if i % 2 else 'b'}\n" for i in range(6))
+    rows = [{"file_name": f"pics/{i}.png", "label": "a" if i % 2 else "b"} for i in range(6)]
+    files[name] = ("file_name,label\n" + "".join(f"{r['file_name']},{r['label']}\n" for r in rows)
+                   if name.endswith(".csv") else "".join(json.dumps(r) + "\n" for r in rows))
     root = _write_tree(tmp_path / "folder", files)
-    summary = ingest_dataset(root / "labels.csv", tmp_path / "ws")
+    summary = ingest_dataset(root / name, tmp_path / "ws")
     assert summary.classes == ["a", "b"] and _all_counts(summary) == {"a": 3, "b": 3}
 
 
@@ -193,8 +211,13 @@ def test_exif_rotation_uppercase_extension_and_downscale(tmp_path):
     ({**_classes(2), "metadata.csv": "filename,class\ncats/0.png,cat\n"}, r"has columns filename, class"),
     ({**_classes(2), "metadata.csv": ""}, r"'metadata.csv' is empty"),
     ({**_classes(2), "metadata.jsonl": "not json\n"}, r"'metadata.jsonl' is not a JSON object"),
+    ({**_classes(2), "metadata.jsonl": "[1, 2]\n"}, r"'metadata.jsonl' is not a JSON object"),
+    ({**_classes(2), "metadata.csv": "file_name, label\ncats/0.png, a\n"}, r"has columns file_name,  label"),
     ({"x/0.png": _image_bytes(1, mode="L"), "x/1.png": _image_bytes(2, mode="L"),
       "metadata.csv": "file_name,label\nx/0.png,a\nx/1.png,a\n"}, r"need at least 2 classes"),
+    ({**_classes(2), "metadata.csv": "file_name,label\n../x.png,a\ncats/0.png,b\n"},
+     r"Could not read 'upload.zip'.*Invalid metadata file_name '../x.png'"),
+    (_classes(2, prefix="val/"), r"Found only validation/; add a train/ folder"),
 ])
 def test_bad_uploads_name_the_file_and_fix(tmp_path, files, message):
     with pytest.raises(UserInputError, match=message):
@@ -213,7 +236,7 @@ def test_not_a_zip_empty_file_and_missing_file(tmp_path):
         ingest_dataset(empty, tmp_path / "ws")
     with pytest.raises(UserInputError, match=r"'gone.zip' was not found"):
         ingest_dataset(tmp_path / "gone.zip", tmp_path / "ws")
-    with pytest.raises(UserInputError, match=r"'notes.txt' is not a supported upload"):
+    with pytest.raises(UserInputError, match=r"'notes.txt' is not a zip archive; upload a .zip"):
         ingest_dataset(_write_tree(tmp_path, {"notes.txt": "hi"}) / "notes.txt", tmp_path / "ws")
 
 
@@ -309,7 +332,8 @@ def test_hub_dataset_columns_and_splits_are_normalised(tmp_path, monkeypatch):
 
 def test_summary_preview_and_find_dataset(tmp_path):
     summary = _ingest_files(tmp_path, _classes(5))
-    assert json.loads(json.dumps(summary.to_dict()))["classes"] == ["cats", "dogs"]
+    payload = json.loads(json.dumps(summary.to_dict()))
+    assert payload["classes"] == ["cats", "dogs"] and "path" not in payload  # no server paths in the API
     assert load_summary(summary.path) == summary
     previews = preview_images(summary.path, per_class=2)
     assert {k: len(v) for k, v in previews.items()} == {"cats": 2, "dogs": 2}
