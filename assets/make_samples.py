@@ -1,4 +1,4 @@
-"""Rebuilds the sample dataset and the example photos that ship with the app.
+"""Rebuilds the sample datasets and the example photos that ship with the app.
 
     python assets/make_samples.py
 
@@ -7,6 +7,8 @@ The output is byte-for-byte reproducible: fixed image choice, fixed zip timestam
 """
 
 import io
+import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -15,6 +17,10 @@ SHAPES = ("circle", "rectangle", "triangle")
 PER_CLASS = 40
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)  # fixed so the zip does not change on every rebuild
 SHAPE_QUESTIONS = {"what shape is in the image?", "what shape does the image contain?", "what shape is present?"}
+COLOUR_QUESTION = re.compile(r"what (?:color is|is the color of) the (\w+)\?")  # "the shape" or "the circle"
+COLOURED_SHAPE_QUESTION = re.compile(r"what is the (\w+) shape\?")  # "what is the red shape?" -> its shape
+CAPTION_IMAGES = {"train": 600, "test": 150}
+VQA_IMAGES = 800
 
 
 def shape_labels() -> dict[int, str]:
@@ -37,13 +43,67 @@ def write_zip(picked: dict[str, list[int]], out: Path) -> None:
     from easy_vqa import get_train_image_paths
 
     paths = get_train_image_paths()
+    write_entries(out, {f"{shape}/{image_id:04d}.png": Path(paths[image_id]).read_bytes()
+                        for shape in SHAPES for image_id in picked[shape]})
+
+
+def write_entries(out: Path, entries: dict[str, bytes]) -> None:
+    """Writes the entries in the given order with fixed timestamps, so a rebuild is byte-identical."""
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for shape in SHAPES:
-            for image_id in picked[shape]:
-                info = zipfile.ZipInfo(f"{shape}/{image_id:04d}.png", date_time=ZIP_DATE)
-                info.external_attr = 0o644 << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, Path(paths[image_id]).read_bytes())
+        for name, content in entries.items():
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, content)
+
+
+def captions(questions) -> dict[int, str]:
+    """Image id -> "a red triangle", from easy-VQA's own answers about each image's colour and shape."""
+    colour, shape = {}, {}
+    for question, answer, image_id in zip(*questions):
+        if match := COLOUR_QUESTION.fullmatch(question):
+            colour[image_id] = answer
+            if match[1] in SHAPES:
+                shape[image_id] = match[1]
+        elif match := COLOURED_SHAPE_QUESTION.fullmatch(question):
+            colour[image_id], shape[image_id] = match[1], answer
+        elif question in SHAPE_QUESTIONS:
+            shape[image_id] = answer
+    return {i: f"a {colour[i]} {shape[i]}" for i in sorted(colour.keys() & shape.keys())}
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def write_captions_zip(out: Path) -> dict[str, int]:
+    """train/ and test/ split folders, each with its images and a metadata.jsonl (file_name, text)."""
+    import easy_vqa
+
+    entries, sizes = {}, {}
+    for split, n in CAPTION_IMAGES.items():
+        paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+        chosen = list(captions(getattr(easy_vqa, f"get_{split}_questions")()).items())[:n]
+        entries.update({f"{split}/{i:04d}.png": Path(paths[i]).read_bytes() for i, _ in chosen})
+        entries[f"{split}/metadata.jsonl"] = jsonl([{"file_name": f"{i:04d}.png", "text": text} for i, text in chosen])
+        sizes[split] = len(chosen)
+    write_entries(out, entries)
+    return sizes
+
+
+def write_vqa_zip(out: Path) -> dict[str, int]:
+    """images/ and one metadata.jsonl (file_name, question, answer) with every question about each image."""
+    from easy_vqa import get_train_image_paths, get_train_questions
+
+    questions, answers, image_ids = get_train_questions()
+    chosen = sorted(set(image_ids))[:VQA_IMAGES]
+    rows = sorted((i, q, a) for q, a, i in zip(questions, answers, image_ids) if i in set(chosen))
+    paths = get_train_image_paths()
+    entries = {f"images/{i:04d}.png": Path(paths[i]).read_bytes() for i in chosen}
+    entries["metadata.jsonl"] = jsonl([{"file_name": f"images/{i:04d}.png", "question": q, "answer": a}
+                                       for i, q, a in rows])
+    write_entries(out, entries)
+    return {"images": len(chosen), "questions": len(rows)}
 
 
 def write_examples(picked: dict[str, list[int]], out_dir: Path) -> None:
@@ -69,6 +129,8 @@ def main() -> None:
     write_zip(picked, HERE / "sample_shapes.zip")
     write_examples(picked, HERE / "examples")
     print({shape: len(ids) for shape, ids in picked.items()}, (HERE / "sample_shapes.zip").stat().st_size, "bytes")
+    for name, write in (("sample_captions.zip", write_captions_zip), ("sample_vqa.zip", write_vqa_zip)):
+        print(name, write(HERE / name), (HERE / name).stat().st_size, "bytes")
 
 
 if __name__ == "__main__":

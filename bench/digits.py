@@ -93,7 +93,7 @@ def run_default_recipe(dataset_dir: str, run_dir: Path, args, deviations: dict) 
     # Between two eval lines: one training epoch + its validation pass + a checkpoint.
     marks = [start["time"]] + [r["time"] for r in evals]
     epoch_seconds = [round(b - a, 1) for a, b in zip(marks, marks[1:])]
-    step_time = float(np.median([r["step_time"] for r in steps])) if steps else None
+    step_time = round(float(np.median([r["step_time"] for r in steps])), 3) if steps else None
     resolved = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                 "image_size": cfg.image_size or 160, "augment": cfg.augment, "method": cfg.method,
                 "base_model": cfg.base_model, "total_steps": start["total_steps"]}

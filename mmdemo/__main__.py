@@ -19,11 +19,11 @@ from .errors import UserInputError
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model (also under torchrun / accelerate launch)")
     p.add_argument("--config", help="a config.yaml; flags given as well override its values")
-    p.add_argument("--task", default=None, choices=["classification"])
+    p.add_argument("--task", default=None, choices=["classification", "captioning", "vqa"])
     p.add_argument("--data", help="a dataset: zip / folder / csv / jsonl, or an ingested dataset folder")
     p.add_argument("--output-dir", help="the run directory to write")
     p.add_argument("--base-model")
-    p.add_argument("--method", choices=["full", "head", "lora", "bitfit"])
+    p.add_argument("--method", choices=["full", "head", "lora", "bitfit", "frozen_vision"])
     for flag in ("epochs", "max-steps", "batch-size", "image-size", "seed", "early-stopping-patience",
                  "log-every", "num-workers"):
         p.add_argument(f"--{flag}", type=int)
@@ -36,8 +36,11 @@ def _train_parser(sub) -> None:
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images; one JSON line per image")
     p.add_argument("--checkpoint", default="", help="a run directory or model folder ('' = ImageNet default)")
-    p.add_argument("--task", default="classification", choices=["classification"])
+    p.add_argument("--task", default="classification", choices=["classification", "captioning", "vqa"])
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--question", help="the question (vqa)")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("images", nargs="+")
 
 
@@ -61,11 +64,11 @@ def _config_from_args(args):
     if missing:
         raise UserInputError("train needs " + " and ".join("--" + k.replace("_", "-") for k in missing)
                              + " (or --config FILE.yaml).")
-    values["data"] = _ingested(values["data"], Path(values["output_dir"]))
+    values["data"] = _ingested(values["data"], Path(values["output_dir"]), values.get("task", "classification"))
     return TrainConfig.from_dict(values)
 
 
-def _ingested(data: str, output_dir: Path) -> str:
+def _ingested(data: str, output_dir: Path, task: str) -> str:
     """An ingested dataset folder as is; anything else (zip, folder, csv, Hub id) ingested first."""
     from .data import ingest_dataset
 
@@ -75,7 +78,7 @@ def _ingested(data: str, output_dir: Path) -> str:
     workspace = output_dir.parent / (output_dir.name + "-data")
     marker = workspace / "INGESTED"
     if int(os.environ.get("RANK", "0")) == 0 and not marker.exists():
-        summary = ingest_dataset(data, workspace)
+        summary = ingest_dataset(data, workspace, task=task)
         marker_tmp = workspace / ".INGESTED.tmp"
         marker_tmp.write_text(summary.path)
         marker_tmp.replace(marker)
@@ -108,7 +111,7 @@ def _run_train(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    print(json.dumps({"output_dir": cfg.output_dir, "accuracy": result["accuracy"], "val_loss": result["val_loss"]}))
+    print(json.dumps({"output_dir": cfg.output_dir, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}))
     return 0
 
 
@@ -126,13 +129,20 @@ def _failure_message(e: Exception) -> str:
 def _run_predict(args) -> int:
     from PIL import Image
 
-    from .inference import classify
+    from .inference import answer, caption, classify
 
     for path in args.images:
         try:
             with Image.open(path) as img:
-                result = classify(img, args.checkpoint or None, args.top_k)
-            print(json.dumps({"image": path, "labels": result}))
+                if args.task == "captioning":
+                    record = {"caption": caption(img, args.checkpoint or None, args.max_new_tokens, args.num_beams)}
+                elif args.task == "vqa":
+                    record = {"question": args.question,
+                              "answer": answer(img, args.question, args.checkpoint or None, args.max_new_tokens,
+                                               args.num_beams)}
+                else:
+                    record = {"labels": classify(img, args.checkpoint or None, args.top_k)}
+            print(json.dumps({"image": path, **record}))
         except (OSError, UserInputError) as e:
             print(json.dumps({"image": path, "error": str(e)}))
     return 0
@@ -143,7 +153,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _predict_parser(sub)
+    from .hub import add_cli_commands, run_cli
+
+    add_cli_commands(sub)
     args = parser.parse_args(argv)
+    code = run_cli(args)
+    if code is not None:
+        return code
     try:
         return _run_train(args) if args.command == "train" else _run_predict(args)
     except UserInputError as e:

@@ -10,9 +10,12 @@ import yaml
 
 from .errors import UserInputError
 
-TASKS = ("classification",)
-METHODS = ("full", "head", "lora", "bitfit")
-DEFAULT_MODELS = {"classification": "efficientnet_lite0"}
+TASKS = ("classification", "captioning", "vqa")
+TASK_METHODS = {"classification": ("full", "head", "lora", "bitfit"),
+                "captioning": ("frozen_vision", "full", "lora"), "vqa": ("frozen_vision", "full", "lora")}
+METHODS = ("full", "head", "lora", "bitfit", "frozen_vision")
+DEFAULT_MODELS = {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
+                  "vqa": "efficientnet_lite0+minilm"}
 
 # Per-method defaults, used where the user leaves a value at 0 / "".  A frozen backbone takes a
 # larger step size; LoRA sits in between (its update is low rank and starts at zero).
@@ -21,7 +24,11 @@ METHOD_DEFAULTS = {
     "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
     "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
     "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
+    # Text decoders: the offline default's decoder + projection learn the samples at 3e-4 in a few epochs.
+    "frozen_vision": {"learning_rate": 3e-4, "epochs": 6, "batch_size": 32},
 }
+TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 6, "batch_size": 32},
+                        "lora": {"learning_rate": 1e-3, "epochs": 6, "batch_size": 32}}
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class TrainConfig:
     output_dir: str
     task: str = "classification"
     base_model: str = ""
-    method: str = "full"
+    method: str = ""
     pretrained: bool = True
     epochs: int = 0
     max_steps: int = 0
@@ -62,9 +69,13 @@ class TrainConfig:
         problems = self._problems()
         if problems:
             raise UserInputError("; ".join(problems))
-        defaults = METHOD_DEFAULTS[self.method]
         # Frozen dataclass: fill the defaults once, so config.yaml holds the resolved values.
         set_ = object.__setattr__
+        if not self.method:
+            set_(self, "method", TASK_METHODS[self.task][0])
+        defaults = METHOD_DEFAULTS[self.method]
+        if self.task != "classification":
+            defaults = TEXT_METHOD_DEFAULTS.get(self.method, defaults)
         if not self.base_model:
             set_(self, "base_model", DEFAULT_MODELS[self.task])
         for name in ("learning_rate", "epochs", "batch_size"):
@@ -75,8 +86,9 @@ class TrainConfig:
         p = []
         if self.task not in TASKS:
             p.append(f"task must be one of {', '.join(TASKS)} (got {self.task!r})")
-        if self.method not in METHODS:
-            p.append(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        methods = TASK_METHODS.get(self.task, METHODS)
+        if self.method and self.method not in methods:
+            p.append(f"method must be one of {', '.join(methods)} for {self.task} (got {self.method!r})")
         if not str(self.data):
             p.append("data must name an ingested dataset directory")
         for name in ("epochs", "max_steps", "batch_size", "image_size", "early_stopping_patience", "seed",

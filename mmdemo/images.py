@@ -6,25 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data import to_rgb
+
 # Train images are kept a little larger than the model's input so random crops have room.
 TRAIN_MARGIN = 1.15
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB, transparency composited on white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # 16-bit / float: scale to 8 bits instead of clipping everything above 255 to white.
-        arr = np.asarray(image, dtype=np.float32)
-        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
 
 
 def resize_center_crop(image: Image.Image, size: int, crop_pct: float = 1.0) -> torch.Tensor:
@@ -46,14 +31,15 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 class ImageTensors(torch.utils.data.Dataset):
     """A dataset split decoded once into one uint8 tensor; training never decodes files again."""
 
-    def __init__(self, split, image_size: int, label_map: list[int], train: bool):
+    def __init__(self, split, image_size: int, label_map: list[int], train: bool, labels: bool = True):
         from torchvision.transforms import v2
 
         self.train = train
         side = round(image_size * TRAIN_MARGIN) if train else image_size
         images = [resize_center_crop(img, side) for img in split["image"]]
         self.pixels = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
-        self.labels = torch.tensor([label_map[y] for y in split["label"]], dtype=torch.long)
+        self.labels = torch.tensor([label_map[y] for y in split["label"]] if labels else [0] * len(images),
+                                   dtype=torch.long)
         self.row_ids = list(range(len(self.labels)))
         self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
                                    v2.RandomHorizontalFlip()])

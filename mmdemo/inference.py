@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -24,27 +25,45 @@ def model_dir_of(checkpoint: str | Path) -> Path | None:
     return None
 
 
-def load_predictor(checkpoint: str | Path | None = None) -> Classifier:
-    """The classifier for ``checkpoint`` ("" / None = the offline ImageNet default), cached."""
+TAB_OF = {"classification": "Classify", "captioning": "Caption", "vqa": "Ask"}
+
+
+def load_predictor(checkpoint: str | Path | None = None, task: str = "classification"):
+    """The model for ``checkpoint`` and ``task``, cached. "" / None: the offline ImageNet classifier
+    for classification; captioning and VQA have no usable model before fine-tuning."""
     checkpoint = str(checkpoint or "").strip()
     model_dir = model_dir_of(checkpoint) if checkpoint else None
     if model_dir is not None:
+        trained_for = json.loads((model_dir / META_FILE).read_text()).get("task", "classification")
+        if trained_for != task:
+            raise UserInputError(f"This checkpoint was trained for {trained_for}, not {task}: use it on the "
+                                 f"{TAB_OF.get(trained_for, trained_for)} tab, or pick a {task} run.")
         # The folder's mtime is part of the key, so a run that is saved again is reloaded.
-        return _cached(str(model_dir), model_dir.stat().st_mtime_ns)
+        return _cached(str(model_dir), model_dir.stat().st_mtime_ns, task)
     if checkpoint and Path(checkpoint).exists():
         raise UserInputError(f"'{Path(checkpoint).name}' holds no trained model yet; wait for the run to finish.")
-    return _cached(checkpoint, 0)
+    if not checkpoint and task != "classification":
+        raise UserInputError(f"No {task} model yet: fine-tune one on your data (Train tab, task '{task}'), then pick "
+                             f"its run here, or give a Hub model id such as {HUB_EXAMPLES[task]} (needs the Hub).")
+    return _cached(checkpoint, 0, task)
+
+
+HUB_EXAMPLES = {"captioning": "Salesforce/blip-image-captioning-base", "vqa": "Salesforce/blip-vqa-base"}
 
 
 @lru_cache(maxsize=4)
-def _cached(key: str, _mtime: int) -> Classifier:
-    if not key:
-        clf = imagenet_classifier()
+def _cached(key: str, _mtime: int, task: str):
+    if task != "classification":
+        from .vlm import HFImageText, load_image_text_model
+
+        model = load_image_text_model(key) if Path(key).is_dir() else HFImageText.build(task, key)
+    elif not key:
+        model = imagenet_classifier()
     elif Path(key).is_dir():
-        clf = load_classifier(key)
+        model = load_classifier(key)
     else:
-        clf = _hub_classifier(key)
-    return clf.eval()
+        model = _hub_classifier(key)
+    return model.eval()
 
 
 def _hub_classifier(name: str) -> Classifier:
@@ -74,7 +93,7 @@ def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dic
     """
     if image is None:
         raise UserInputError("No image given: drop an image first.")
-    clf = load_predictor(checkpoint)
+    clf = load_predictor(checkpoint, "classification")
     pre = clf.preprocess
     x = resize_center_crop(image, pre.image_size, pre.crop_pct)[None]
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
@@ -83,3 +102,29 @@ def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dic
         probs = clf(normalize(x, mean, std)).float().softmax(-1)[0]
     top = probs.topk(min(top_k, len(probs)))
     return {clf.labels[i]: round(float(p), 5) for p, i in zip(top.values, top.indices)}
+
+
+def _pixels(image, size: int):
+    if image is None:
+        raise UserInputError("No image given: drop an image first.")
+    return resize_center_crop(image, size)[None]
+
+
+@torch.no_grad()
+def caption(image, checkpoint: str | Path | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:
+    """A caption for one PIL image from a captioning run directory or a Hub id."""
+    model = load_predictor(checkpoint, "captioning")
+    with _lock:
+        return model.generate(_pixels(image, model.preprocess.image_size), None, int(max_new_tokens), int(num_beams))[0]
+
+
+@torch.no_grad()
+def answer(image, question: str, checkpoint: str | Path | None = None, max_new_tokens: int = 10,
+           num_beams: int = 1) -> str:
+    """The answer to ``question`` about one PIL image, from a VQA run directory or a Hub id."""
+    if not (question or "").strip():
+        raise UserInputError("Type a question about the image first.")
+    model = load_predictor(checkpoint, "vqa")
+    with _lock:
+        return model.generate(_pixels(image, model.preprocess.image_size), [question.strip()], int(max_new_tokens),
+                              int(num_beams))[0]

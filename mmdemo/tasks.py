@@ -1,0 +1,234 @@
+"""What differs between tasks inside the one training loop: model, data, loss, evaluation, saving.
+
+``make_task(cfg, splits)`` returns a ``ClassificationTask`` or a ``TextTask`` (captioning / VQA);
+``mmdemo.training`` drives either through the same methods.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserInputError
+from .images import ImageTensors, normalize
+
+
+class ClassificationTask:
+    main_metric = "accuracy"
+
+    def __init__(self, cfg, splits):
+        from .models import apply_method, build_classifier
+
+        self.classes = splits["train"].features["label"].names
+        self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
+        apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
+        self.image_size = cfg.image_size or self.model.preprocess.image_size
+        self.model.preprocess.image_size = self.image_size
+        self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
+        self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment)
+        self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
+        self.collate = None
+        pre = self.model.preprocess
+        self._stats = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+
+    def train_mode(self, model) -> None:
+        # "head": the backbone is a fixed feature extractor. "lora": the adapter must reproduce the model
+        # on top of the original base, so BatchNorm statistics (not part of the adapter) stay frozen.
+        model.train(self.method not in ("head", "lora"))
+
+    def _logits(self, model, x):
+        mean, std = (t.to(x.device) for t in self._stats)
+        return model(normalize(x, mean, std)).float()
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(self._logits(model, x), y, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def predict(self, model, loader, acc):
+        losses, preds, labels = [], [], []
+        for x, y in loader:
+            logits = self._logits(model, x)
+            loss = F.cross_entropy(logits, y, reduction="none")
+            loss, logits, y = acc.gather_for_metrics((loss, logits, y))
+            losses.append(loss.cpu())
+            preds.append(logits.argmax(-1).cpu())
+            labels.append(y.cpu())
+        return torch.cat(losses), torch.cat(preds), torch.cat(labels)
+
+    def evaluate(self, model, loader, acc) -> dict:
+        losses, preds, labels = self.predict(model, loader, acc)
+        return {"val_loss": round(losses.mean().item(), 5), "accuracy": round((preds == labels).float().mean().item(), 5)}
+
+    def report(self, model, loader, acc, step) -> dict:
+        losses, preds, labels = self.predict(model, loader, acc)
+        return evaluation_report(losses, preds, labels, acc.unwrap_model(model).labels, self.val_ds.row_ids, step)
+
+    def save(self, model, model_dir: Path, run_dir: Path, result: dict) -> None:
+        from .models import save_classifier
+
+        save_classifier(model, model_dir, task="classification")
+        if hasattr(model.net, "peft_config"):
+            model.net.save_pretrained(model_dir / "adapter")
+        plot_confusion(result, run_dir / "confusion_matrix.png")
+
+
+def evaluation_report(losses, preds, labels, label_names, row_ids, step) -> dict:
+    """Accuracy, per-class precision / recall / F1, the confusion matrix and misclassified rows."""
+    n = len(label_names)
+    cm = torch.zeros(n, n, dtype=torch.long)
+    cm.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
+    per_class = {}
+    for k, name in enumerate(label_names):
+        tp, support, predicted = cm[k, k].item(), cm[k].sum().item(), cm[:, k].sum().item()
+        if support == 0 and predicted == 0:
+            continue  # a label of an earlier run that this dataset does not have
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                           "support": support}
+    wrong = (preds != labels).nonzero().flatten().tolist()
+    present = [i for i, name in enumerate(label_names) if name in per_class]
+    return {"task": "classification", "step": step, "accuracy": round((preds == labels).float().mean().item(), 5),
+            "val_loss": round(losses.mean().item(), 5), "num_val": len(labels), "per_class": per_class,
+            "labels": [label_names[i] for i in present],
+            "confusion_matrix": cm[present][:, present].tolist(),
+            "misclassified": [{"row": row_ids[i], "label": label_names[labels[i]], "predicted": label_names[preds[i]]}
+                              for i in wrong[:64]]}
+
+
+def plot_confusion(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, cm = result["labels"], result["confusion_matrix"]
+    size = min(12, 2 + 0.5 * len(labels))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(labels) <= 30:
+        for i, row in enumerate(cm):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning and VQA
+
+
+class TextRows(torch.utils.data.Dataset):
+    """Decoded pixels (once) plus the texts of each row; training picks one caption per visit."""
+
+    def __init__(self, split, image_size: int, task: str, train: bool, seed: int):
+        self.pixels = ImageTensors(split, image_size, [0], train=False, labels=False).pixels
+        self.task, self.train, self.rng = task, train, random.Random(seed)
+        if task == "vqa":
+            self.questions, self.references = list(split["question"]), [list(a) for a in split["answers"]]
+        else:
+            self.questions, self.references = None, [list(c) for c in split["captions"]]
+        self.row_ids = list(range(len(self.references)))
+
+    def __len__(self):
+        return len(self.references)
+
+    def __getitem__(self, i):
+        refs = self.references[i]
+        # Training sees every reference over the epochs; evaluation uses the most common one.
+        text = self.rng.choice(refs) if self.train else max(set(refs), key=refs.count)
+        item = {"pixels": self.pixels[i], "row": i}
+        if self.task == "vqa":
+            item.update(question=self.questions[i], answer=text)
+        else:
+            item["text"] = text
+        return item
+
+
+class TextTask:
+    def __init__(self, cfg, splits):
+        from .vlm import apply_text_method, build_image_text_model
+
+        self.task = cfg.task
+        self.main_metric = "vqa_accuracy" if cfg.task == "vqa" else "cider"
+        self.model = build_image_text_model(cfg.task, cfg.base_model, cfg.image_size, cfg.pretrained)
+        apply_text_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
+        self.image_size = cfg.image_size or self.model.preprocess.image_size
+        self.model.preprocess.image_size = self.image_size
+        self.max_new_tokens = 8 if cfg.task == "vqa" else 24
+        self.train_ds = TextRows(splits["train"], self.image_size, cfg.task, True, cfg.seed)
+        self.val_ds = TextRows(splits["validation"], self.image_size, cfg.task, False, cfg.seed)
+        self.collate = self.model.collate
+        self.frozen = self.model.vision_modules() if cfg.method != "full" else []
+
+    def train_mode(self, model) -> None:
+        model.train()
+        inner = model.module if hasattr(model, "module") else model
+        for name in self.frozen:  # a frozen encoder keeps its BatchNorm statistics too
+            inner.get_submodule(name).eval()
+
+    def loss(self, model, batch):
+        return model(**batch)
+
+    @torch.no_grad()
+    def predict(self, model, loader, acc):
+        from accelerate.utils import gather_object
+
+        model.eval()
+        inner = acc.unwrap_model(model)
+        losses = [acc.gather_for_metrics(model(**batch).detach().reshape(1)).cpu() for batch in loader]
+        preds = []
+        for chunk, start in enumerate(range(0, len(self.val_ds), 32)):
+            if chunk % acc.num_processes != acc.process_index:
+                continue  # each process generates for its share of the chunks
+            idx = list(range(start, min(start + 32, len(self.val_ds))))
+            images = torch.stack([self.val_ds.pixels[i] for i in idx])
+            questions = [self.val_ds.questions[i] for i in idx] if self.task == "vqa" else None
+            preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens)))
+        preds = sorted(gather_object(preds)) if acc.num_processes > 1 else preds
+        return torch.cat(losses).mean().item(), [p for _, p in preds]
+
+    def evaluate(self, model, loader, acc) -> dict:
+        from .metrics import caption_metrics, vqa_metrics
+
+        val_loss, preds = self.predict(model, loader, acc)
+        refs = self.val_ds.references
+        scores = vqa_metrics(preds, refs) if self.task == "vqa" else caption_metrics(preds, refs)
+        return {"val_loss": round(val_loss, 5), **{k: round(v, 5) for k, v in scores.items()}}
+
+    def report(self, model, loader, acc, step) -> dict:
+        from .metrics import caption_metrics, vqa_metrics
+
+        val_loss, preds = self.predict(model, loader, acc)
+        refs = self.val_ds.references
+        scores = vqa_metrics(preds, refs) if self.task == "vqa" else caption_metrics(preds, refs)
+        examples = [{"row": i, "question": self.val_ds.questions[i] if self.task == "vqa" else None,
+                     "references": refs[i], "predicted": preds[i]} for i in range(min(len(preds), 48))]
+        return {"task": self.task, "step": step, "val_loss": round(val_loss, 5), "num_val": len(refs),
+                **{k: round(v, 5) for k, v in scores.items()}, "examples": examples}
+
+    def save(self, model, model_dir: Path, run_dir: Path, result: dict) -> None:
+        from .vlm import save_image_text_model
+
+        save_image_text_model(model, model_dir)
+
+
+def make_task(cfg, splits):
+    if "validation" not in splits or len(splits["validation"]) == 0:
+        raise UserInputError("The dataset has no validation images; ingest it again so a split is made.")
+    columns = set(splits["train"].column_names)
+    expected = {"classification": {"label"}, "captioning": {"captions"}, "vqa": {"question", "answers"}}[cfg.task]
+    if not expected <= columns:
+        raise UserInputError(f"This dataset was ingested for another task (its columns: {', '.join(sorted(columns))}); "
+                             f"load it again with task '{cfg.task}'.")
+    return ClassificationTask(cfg, splits) if cfg.task == "classification" else TextTask(cfg, splits)

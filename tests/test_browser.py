@@ -1,0 +1,84 @@
+"""The whole UI flow in a real browser (Debian's Chromium through Playwright) against the real app:
+sample dataset -> train one epoch, watching progress -> classify an example with the new run."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+TRAIN_TIMEOUT_MS = 240_000
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                                                               "(apt-get install -y chromium)")
+
+
+def test_train_and_classify_in_the_browser(app_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url)
+            # The page's load event gives this browser its id (gr.BrowserState in localStorage); every
+            # handler needs it, so a click before it lands gets "no browser id yet" (see the report).
+            page.wait_for_function("localStorage.getItem('mmdemo-browser-id')", timeout=30_000)
+
+            # Dataset tab: the sample dataset's summary and its per-class plot.
+            page.get_by_role("button", name=re.compile("Use the sample dataset")).click()
+            summary = page.locator("#dataset-summary")
+            expect(summary).to_contain_text("3 classes", timeout=60_000)
+            expect(summary).to_contain_text("train 96 · validation 24 · test 0")
+
+            # Train tab: one epoch of the default model on the dataset just loaded.
+            page.get_by_role("tab", name="Train").click()
+            expect(page.locator("#dataset-choice input")).to_have_value(re.compile("3 classes · 120 images"))
+            page.get_by_label("Epochs (0 = default)").fill("1")
+            page.locator("#start-training").click()
+            run_choice = page.locator("#run-choice input")
+            expect(run_choice).to_have_value(re.compile(r"^[0-9a-f]{8} · efficientnet_lite0 · full"), timeout=30_000)
+            status = page.locator("#train-status")
+            # Progress while it trains: a step count above 0 and a loss line with points (a fast machine
+            # may finish between two 1 s timer ticks, hence "completed" too).
+            expect(status).to_contain_text(re.compile(r"(running|completed) · step [1-9]\d* / [1-9]"),
+                                           timeout=TRAIN_TIMEOUT_MS)
+            loss_line = page.locator("#loss-plot svg g.mark-line path")
+            expect(loss_line.first).to_have_attribute("d", re.compile(r"^M[\d.,-]+"), timeout=30_000)
+            expect(status).to_contain_text("completed · step 6 / 6 · epoch 1", timeout=TRAIN_TIMEOUT_MS)
+            # The finished curve: one vertex per step (M + 5 L for 6 steps).
+            expect(loss_line.first).to_have_attribute("d", re.compile(r"^M[^L]+(L[^L]+){5}$"), timeout=10_000)
+            expect(page.locator("#train-progress")).to_have_attribute("value", "6")
+            # The report: overall accuracy row and one row per class, and the confusion matrix image.
+            metrics = page.get_by_role("grid", name="Validation metrics")
+            expect(metrics.get_by_role("row", name=re.compile(r"^all 24 (0\.\d+|1)$"))).to_have_count(1, timeout=30_000)
+            for name in ("circle", "rectangle", "triangle"):
+                expect(metrics.get_by_role("row", name=re.compile(f"^{name} [\\d. ]+ 8$"))).to_have_count(1)
+            expect(page.locator("img[src*='confusion_matrix']")).to_have_count(1)
+            # The run list refreshes every 5 s; the checkpoint list refreshes with it.
+            expect(run_choice).to_have_value(re.compile("completed$"), timeout=30_000)
+            run_prefix = run_choice.input_value()[:8]
+            page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+
+            # Classify tab: the circle example with the new run as checkpoint.
+            page.get_by_role("tab", name="Classify").click()
+            page.locator("img[src*='circle.png']").click()
+            page.locator("#checkpoint-choice input").click()
+            page.get_by_role("option", name=re.compile(run_prefix)).click()
+            expect(page.locator("#checkpoint-choice input")).to_have_value(re.compile(f"^{run_prefix}"))
+            page.locator("#classify-button").click()
+            labels = page.locator("#classify-labels")
+            # The run's own 3 classes (not ImageNet's), the circle on top.
+            expect(labels).to_contain_text("triangle", timeout=60_000)
+            expect(labels).to_contain_text("rectangle")
+            expect(labels.locator("h2").first).to_have_text("circle")
+            page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
+            expect(page.get_by_test_id("toast-text")).to_have_count(0)
+        finally:
+            browser.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+    print(f"screenshots in {tmp_path}")
