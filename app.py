@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import html
+import os
 import uuid
 from pathlib import Path
 
@@ -27,7 +28,8 @@ BASE_MODELS = {"classification": ["efficientnet_lite0", "resnet18", "google/vit-
 METHODS = {"classification": ["full", "head", "lora", "bitfit"], "captioning": ["frozen_vision", "full", "lora"],
            "vqa": ["frozen_vision", "full", "lora"]}
 DEFAULT_CHECKPOINT = "ImageNet classifier (efficientnet_lite0, offline)"
-MAX_UPLOAD = "500mb"
+# gradio refuses bigger uploads (its own message names the limit); "200kb", "2gb" or a number of bytes
+MAX_UPLOAD = os.environ.get("MMDEMO_MAX_UPLOAD", "500mb")
 
 
 @functools.cache
@@ -35,7 +37,9 @@ def manager():
     """One job manager per server process, created on first use (it starts a watcher thread)."""
     from mmdemo.jobs import JobManager
 
-    return JobManager()
+    jobs = JobManager()
+    ws.start_cleanup(jobs)  # hourly: workspaces idle past MMDEMO_WORKSPACE_TTL_HOURS go, never with a live run
+    return jobs
 
 
 def user_errors(fn):
@@ -431,7 +435,8 @@ def build_dataset_tab():
                     "`label`. **Captioning**: images + `metadata.jsonl` / `.csv` with `file_name` and `text` (or "
                     "`caption`). **VQA**: `file_name`, `question`, `answer` (or `answers`, a list).")
         with gr.Row():
-            file = gr.File(label="Dataset (zip, csv or jsonl)", file_types=[".zip", ".csv", ".jsonl"], type="filepath")
+            file = gr.File(label=f"Dataset (zip, csv or jsonl; at most {MAX_UPLOAD})",
+                           file_types=[".zip", ".csv", ".jsonl"], type="filepath")
             with gr.Column():
                 task = gr.Radio(TASKS, value="classification", label="Task")
                 hub_id = gr.Textbox(label="…or a Hugging Face Hub dataset id", placeholder="owner/name")

@@ -9,7 +9,7 @@ Steps: load_digits() (1,797 8x8 grey images, 10 classes) -> 32x32 RGB PNGs in cl
 backbone's pooled features of the same split, at the same image size, without augmentation.
 
 Prints one JSON line per figure ({"figure": ..., "value": ...}) and a final {"summary": ...} line.
-The --lr / --epochs / --no-augment / --no-hflip flags exist only to investigate a default recipe
+The --lr / --epochs / --no-augment / --no-hflip / --eval-mode-fix flags exist only to investigate a default recipe
 that loses to the probe; every deviation from the defaults is echoed in each JSON line.
 """
 
@@ -68,6 +68,41 @@ def patch_no_hflip() -> None:
     images.ImageTensors.__init__ = init
 
 
+def patch_eval_mode() -> None:
+    """Investigation only: put the model in eval mode before the engine's validation pass.
+
+    At 4d4d4f6 ``ClassificationTask.predict`` runs the model in train mode (BatchNorm on batch
+    statistics, updating its running statistics with validation images; dropout on)."""
+    from mmdemo import tasks
+
+    original = tasks.ClassificationTask.predict
+
+    def predict(self, model, loader, acc):
+        model.eval()  # the next epoch's train_mode() switches back
+        return original(self, model, loader, acc)
+
+    tasks.ClassificationTask.predict = predict
+
+
+@torch.no_grad()
+def saved_model_accuracy(model_dir: Path, split, batch: int = 64) -> float:
+    """Accuracy of the saved run_dir/model in eval mode, as mmdemo.inference would run it."""
+    from mmdemo.images import normalize, resize_center_crop
+    from mmdemo.models import load_classifier
+
+    clf = load_classifier(model_dir).eval()
+    pre = clf.preprocess
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    names = split.features["label"].names
+    images, labels = split["image"], split["label"]
+    correct = 0
+    for i in range(0, len(images), batch):
+        x = torch.stack([resize_center_crop(im, pre.image_size, pre.crop_pct) for im in images[i:i + batch]])
+        preds = clf(normalize(x, mean, std)).argmax(-1).tolist()
+        correct += sum(clf.labels[p] == names[y] for p, y in zip(preds, labels[i:i + batch]))
+    return correct / len(labels)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -75,6 +110,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def run_default_recipe(dataset_dir: str, run_dir: Path, args, deviations: dict) -> None:
     from mmdemo.config import TrainConfig
+    from mmdemo.data import load_splits
     from mmdemo.training import train
 
     overrides = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs),
@@ -104,6 +140,9 @@ def run_default_recipe(dataset_dir: str, run_dir: Path, args, deviations: dict) 
          "decode, final evaluation and saving", deviations=deviations)
     emit("digits_default_recipe_val_accuracy", result["accuracy"], num_val=result["num_val"],
          val_loss=result["val_loss"], recipe=resolved, deviations=deviations)
+    saved = saved_model_accuracy(run_dir / "model", load_splits(dataset_dir)["validation"])
+    emit("digits_saved_model_val_accuracy", round(saved, 5),
+         note="run_dir/model reloaded, eval mode, same validation images", deviations=deviations)
 
 
 @torch.no_grad()
@@ -158,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="timing probe only; 0: no limit")
     parser.add_argument("--no-augment", action="store_true", help="investigation only: augment=False")
     parser.add_argument("--no-hflip", action="store_true", help="investigation only: drop the horizontal flip")
+    parser.add_argument("--eval-mode-fix", action="store_true",
+                        help="investigation only: validate in eval mode (see patch_eval_mode)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--keep", default="", help="keep the workspace in this folder instead of a temp dir")
@@ -172,9 +213,12 @@ def main(argv=None) -> int:
     deviations = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs),
                                     ("learning_rate", args.lr), ("max_steps", args.max_steps),
                                     ("augment", False if args.no_augment else None),
-                                    ("horizontal_flip", False if args.no_hflip else None)) if v}
+                                    ("horizontal_flip", False if args.no_hflip else None),
+                                    ("eval_mode_fix", True if args.eval_mode_fix else None)) if v}
     if args.no_hflip:
         patch_no_hflip()
+    if args.eval_mode_fix:
+        patch_eval_mode()
     print(json.dumps({"info": "start", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "loadavg": os.getloadavg(), "deviations": deviations}), flush=True)
     workspace = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mmdemo-digits-"))
@@ -196,8 +240,9 @@ def main(argv=None) -> int:
 
     default, probe = FIGURES.get("digits_default_recipe_val_accuracy"), FIGURES.get("digits_linear_probe_val_accuracy")
     verdict = None if default is None or probe is None else default > probe
-    print(json.dumps({"summary": {**FIGURES, "default_beats_probe": verdict, "total_seconds": round(time.time() - t_all, 1),
-                                  "loadavg_end": os.getloadavg(), "deviations": deviations}}), flush=True)
+    final = {**FIGURES, "default_beats_probe": verdict, "total_seconds": round(time.time() - t_all, 1),
+             "loadavg_end": os.getloadavg(), "deviations": deviations}
+    print(json.dumps({"summary": final}), flush=True)
     return 0
 
 

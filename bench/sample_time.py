@@ -1,6 +1,7 @@
 """Benchmark: ingest assets/sample_shapes.zip and train the default model with every default.
 
     python bench/sample_time.py
+    python bench/sample_time.py --eval-mode-fix   # investigation: validate in eval mode
 
 What a user gets from the app's sample dataset: TrainConfig with only data/output_dir set
 (efficientnet_lite0, method "full", the method's epochs / batch size / learning rate, 160 px).
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # run from anywhere without installing
+
+from digits import patch_eval_mode, saved_model_accuracy  # noqa: E402  (bench/digits.py)
 
 FIGURES: dict = {}
 
@@ -28,18 +31,27 @@ def emit(figure: str, value, **extra) -> None:
     print(json.dumps({"figure": figure, "value": value, **extra}), flush=True)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
     import datasets
     import torch
 
     from mmdemo.config import TrainConfig
-    from mmdemo.data import ingest_dataset
+    from mmdemo.data import ingest_dataset, load_splits
     from mmdemo.training import train
 
     datasets.disable_progress_bars()  # one JSON line per figure, no progress noise in the log
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval-mode-fix", action="store_true",
+                        help="investigation only: validate in eval mode (see bench/digits.py patch_eval_mode)")
+    args = parser.parse_args(argv)
+    deviations = {"eval_mode_fix": True} if args.eval_mode_fix else {}
+    if args.eval_mode_fix:
+        patch_eval_mode()
 
     print(json.dumps({"info": "start", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "loadavg": os.getloadavg()}), flush=True)
+                      "loadavg": os.getloadavg(), "deviations": deviations}), flush=True)
     workspace = Path(tempfile.mkdtemp(prefix="mmdemo-sample-"))
     try:
         t0 = time.time()
@@ -66,10 +78,13 @@ def main() -> int:
              "final evaluation and saving")
         emit("sample_total_seconds", round(time.time() - t0, 1), note="ingest + train")
         emit("sample_val_accuracy", result["accuracy"], num_val=result["num_val"], val_loss=result["val_loss"],
-             recipe=resolved)
+             recipe=resolved, deviations=deviations)
+        saved = saved_model_accuracy(run_dir / "model", load_splits(summary.path)["validation"])
+        emit("sample_saved_model_val_accuracy", round(saved, 5),
+             note="run_dir/model reloaded, eval mode, same validation images", deviations=deviations)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
-    print(json.dumps({"summary": {**FIGURES, "loadavg_end": os.getloadavg()}}), flush=True)
+    print(json.dumps({"summary": {**FIGURES, "loadavg_end": os.getloadavg(), "deviations": deviations}}), flush=True)
     return 0
 
 

@@ -115,14 +115,24 @@ def _run_train(args) -> int:
     return 0
 
 
+# How an allocation failure reads when it is not a torch.OutOfMemoryError: the CPU allocator's
+# RuntimeError, a DataLoader worker's re-raised one, numpy / PIL running out of address space.
+OOM_TEXTS = ("can't allocate memory", "cannot allocate memory", "out of memory", "unable to allocate")
+
+
 def _failure_message(e: Exception) -> str:
     import torch
 
     if isinstance(e, UserInputError):
         return str(e)
-    if isinstance(e, torch.OutOfMemoryError):
-        return ("Out of memory. Try a smaller batch size, a smaller image size, or the 'lora' or 'head' "
-                "method; the last checkpoint is kept and the run can be resumed.")
+    text = str(e).lower()
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(e, RuntimeError) and any(t in text for t in OOM_TEXTS)):
+        where = "GPU memory" if isinstance(e, torch.OutOfMemoryError) or "cuda" in text else "memory"
+        # Resuming would replay the same batch: the advice is a new run with lighter settings.
+        return (f"Out of {where}: a batch did not fit. Start a new run with a smaller batch size (e.g. half), a "
+                "smaller image size, or the 'lora' or 'head' method (far fewer gradients and optimizer states to "
+                "hold). The training process has exited, so its memory is free again.")
     return f"Training failed: {type(e).__name__}: {e}. The last checkpoint is kept; see train.log."
 
 

@@ -24,11 +24,19 @@ METHOD_DEFAULTS = {
     "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
     "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
     "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
-    # Text decoders: the offline default's decoder + projection learn the samples at 3e-4 in a few epochs.
-    "frozen_vision": {"learning_rate": 3e-4, "epochs": 6, "batch_size": 32},
+    # Text decoders: epochs 0 = enough epochs for about TEXT_TARGET_STEPS optimizer steps (resolved
+    # when the dataset's size is known), since a small caption set needs many passes and a VQA set few.
+    "frozen_vision": {"learning_rate": 3e-4, "epochs": 0, "batch_size": 32},
 }
-TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 6, "batch_size": 32},
-                        "lora": {"learning_rate": 1e-3, "epochs": 6, "batch_size": 32}}
+TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
+                        "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
+TEXT_TARGET_STEPS = 400
+
+
+def auto_epochs(num_rows: int, batch_size: int) -> int:
+    """Epochs that give about TEXT_TARGET_STEPS steps, between 2 and 40."""
+    steps_per_epoch = max(1, num_rows // max(1, batch_size))
+    return max(2, min(40, -(-TEXT_TARGET_STEPS // steps_per_epoch)))
 
 
 @dataclass(frozen=True)

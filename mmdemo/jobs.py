@@ -155,6 +155,9 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         # The app restarted (or the child died unseen): the directory says running, nothing runs.
         state = "failed"
         status["message"] = "Interrupted: the app restarted while this run was training. Press Resume to continue."
+    elif state == "queued" and manager is not None and _lost_from_queue(run_dir, manager):
+        state = "failed"  # queued in a previous app process: no queue holds it now
+        status["message"] = "Interrupted: the app restarted before this run started. Press Resume to start it."
     records = read_metrics(run_dir)
     main_metric = status.get("main_metric", "accuracy")
     # A resumed run replays steps after its last checkpoint: the latest record of a step wins.
@@ -176,6 +179,13 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         if position:
             snapshot["message"] = f"Queued: position {position} (one training job runs at a time)."
     return snapshot
+
+
+def _lost_from_queue(run_dir: Path, manager: JobManager) -> bool:
+    if manager.queue_position(run_dir) is not None or manager.is_alive(run_dir):
+        return False
+    # Read again: the manager may have launched or stopped it since the first read.
+    return read_status_file(run_dir).get("status") == "queued"
 
 
 def _eta(train: list[dict], total: int) -> float | None:

@@ -18,6 +18,7 @@ from .images import ImageTensors, normalize
 
 class ClassificationTask:
     main_metric = "accuracy"
+    max_evals = 1000
 
     def __init__(self, cfg, splits):
         from .models import apply_method, build_classifier
@@ -131,8 +132,11 @@ def plot_confusion(result: dict, path: Path) -> None:
 class TextRows(torch.utils.data.Dataset):
     """Decoded pixels (once) plus the texts of each row; training picks one caption per visit."""
 
-    def __init__(self, split, image_size: int, task: str, train: bool, seed: int):
+    def __init__(self, split, image_size: int, task: str, train: bool, seed: int, featurize=None):
         self.pixels = ImageTensors(split, image_size, [0], train=False, labels=False).pixels
+        # A frozen encoder's output never changes: compute it once and train on it.
+        self.features = torch.cat([featurize(self.pixels[i:i + 64]) for i in range(0, len(self.pixels), 64)]) \
+            if featurize is not None and len(self.pixels) else None
         self.task, self.train, self.rng = task, train, random.Random(seed)
         if task == "vqa":
             self.questions, self.references = list(split["question"]), [list(a) for a in split["answers"]]
@@ -147,7 +151,7 @@ class TextRows(torch.utils.data.Dataset):
         refs = self.references[i]
         # Training sees every reference over the epochs; evaluation uses the most common one.
         text = self.rng.choice(refs) if self.train else max(set(refs), key=refs.count)
-        item = {"pixels": self.pixels[i], "row": i}
+        item = {"pixels": self.pixels[i], "row": i} if self.features is None else {"features": self.features[i], "row": i}
         if self.task == "vqa":
             item.update(question=self.questions[i], answer=text)
         else:
@@ -156,6 +160,8 @@ class TextRows(torch.utils.data.Dataset):
 
 
 class TextTask:
+    max_evals = 10
+
     def __init__(self, cfg, splits):
         from .vlm import apply_text_method, build_image_text_model
 
@@ -166,10 +172,14 @@ class TextTask:
         self.image_size = cfg.image_size or self.model.preprocess.image_size
         self.model.preprocess.image_size = self.image_size
         self.max_new_tokens = 8 if cfg.task == "vqa" else 24
-        self.train_ds = TextRows(splits["train"], self.image_size, cfg.task, True, cfg.seed)
-        self.val_ds = TextRows(splits["validation"], self.image_size, cfg.task, False, cfg.seed)
-        self.collate = self.model.collate
         self.frozen = self.model.vision_modules() if cfg.method != "full" else []
+        featurize = None
+        if self.frozen and hasattr(self.model, "image_features"):
+            self.model.eval()
+            featurize = self.model.image_features
+        self.train_ds = TextRows(splits["train"], self.image_size, cfg.task, True, cfg.seed, featurize)
+        self.val_ds = TextRows(splits["validation"], self.image_size, cfg.task, False, cfg.seed, featurize)
+        self.collate = self.model.collate
 
     def train_mode(self, model) -> None:
         model.train()
@@ -194,7 +204,8 @@ class TextTask:
             idx = list(range(start, min(start + 32, len(self.val_ds))))
             images = torch.stack([self.val_ds.pixels[i] for i in idx])
             questions = [self.val_ds.questions[i] for i in idx] if self.task == "vqa" else None
-            preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens)))
+            kw = {"features": self.val_ds.features[idx]} if self.val_ds.features is not None else {}
+            preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens, **kw)))
         preds = sorted(gather_object(preds)) if acc.num_processes > 1 else preds
         return torch.cat(losses).mean().item(), [p for _, p in preds]
 

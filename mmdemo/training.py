@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, auto_epochs
 from .models import count_parameters
 from .tasks import make_task
 
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
     main = acc.is_main_process
     set_seed(cfg.seed)
     task = make_task(cfg, load_splits(cfg.data))
-    cfg = replace(cfg, image_size=task.image_size)
+    cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size))
     if main:
         cfg.save(run_dir / "config.yaml")
 
@@ -180,13 +180,17 @@ class _Loop:
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
         self.samples_per_rank = [0] * acc.num_processes
         self.samples = 0
+        # Generating text for a whole validation split costs more than an epoch of a small caption
+        # set: text tasks evaluate about max_evals times per run, classification every epoch.
+        self.eval_every = max(1, math.ceil(cfg.epochs / task.max_evals))
 
     def run(self) -> str:
         while self.step < self.total_steps and self.epoch < self.cfg.epochs:
             outcome = self._run_epoch()
             if outcome != "next":
                 return self._finish(outcome)
-            stop_early = self._evaluate_epoch()
+            last = self.epoch + 1 >= self.cfg.epochs or self.step >= self.total_steps
+            stop_early = self._evaluate_epoch() if last or (self.epoch + 1) % self.eval_every == 0 else False
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._checkpoint()
             if stop_early:

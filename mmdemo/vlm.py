@@ -89,14 +89,21 @@ class ComposedCaptioner(ImageTextModel):
     def trainable_extra(self):
         return ["proj"]
 
-    def encode(self, pixel_values):
-        fmap = self.encoder.forward_features(pixel_values)  # B x C x h x w
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's feature maps for uint8 images, computed once per dataset: with the
+        encoder frozen this halves a CPU training step (the encoder costs as much as the decoder)."""
+        return self.encoder.forward_features(self.pixels(images)).half().cpu()
+
+    def encode(self, pixel_values=None, features=None):
+        fmap = features.float() if features is not None else self.encoder.forward_features(pixel_values)  # B x C x h x w
         tokens = fmap.flatten(2).transpose(1, 2)
         memory = self.proj(tokens)
         return memory + self.pos[:, : memory.shape[1]] if memory.shape[1] == self.pos.shape[1] else memory
 
     def collate(self, items):
-        images = torch.stack([it["pixels"] for it in items])
+        key = "features" if "features" in items[0] else "images"
+        images = torch.stack([it["features" if key == "features" else "pixels"] for it in items])
         tok = self.tokenizer
         if self.task == "vqa":
             enc = tok([it["question"] for it in items], [it["answer"] for it in items], padding=True,
@@ -105,20 +112,22 @@ class ComposedCaptioner(ImageTextModel):
         else:
             enc = tok([it["text"] for it in items], padding=True, truncation=True, max_length=48, return_tensors="pt")
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        return {"images": images, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+        return {key: images, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
 
-    def forward(self, images, input_ids, attention_mask, labels):
-        memory = self.encode(self.pixels(images))
+    def forward(self, input_ids, attention_mask, labels, images=None, features=None):
+        memory = self.encode(features=features.to(input_ids.device)) if features is not None \
+            else self.encode(self.pixels(images))
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
                            labels=labels, use_cache=False)
         return out.loss
 
     @torch.no_grad()
-    def generate(self, images, questions=None, max_new_tokens=20, num_beams=1) -> list[str]:
+    def generate(self, images, questions=None, max_new_tokens=20, num_beams=1, features=None) -> list[str]:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         tok = self.tokenizer
-        memory = self.encode(self.pixels(images))
+        device = next(self.parameters()).device
+        memory = self.encode(features=features.to(device)) if features is not None else self.encode(self.pixels(images))
         if questions is None:
             prompts = [[tok.cls_token_id]] * len(memory)
         else:
@@ -210,10 +219,17 @@ class HFImageText(ImageTextModel):
 
         return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
 
-    def _vision_kw(self, pixel_values) -> dict:
-        # An input size other than the encoder's own needs its position embeddings interpolated.
+    def _vision_inputs(self, images) -> dict:
+        """BLIP / GIT pixels; a size other than the encoder's own interpolates its position embeddings."""
+        pixel_values = self.pixels(images)
         size = getattr(getattr(self.net.config, "vision_config", None), "image_size", None)
-        return {"interpolate_pos_encoding": True} if isinstance(size, int) and pixel_values.shape[-1] != size else {}
+        if not isinstance(size, int) or pixel_values.shape[-1] == size:
+            return {"pixel_values": pixel_values}
+        if self.family == "git":
+            # GIT's loss skips a fixed number of image tokens (its config's): resize to its own size instead.
+            return {"pixel_values": torch.nn.functional.interpolate(pixel_values, size=(size, size), mode="bilinear",
+                                                                    antialias=True, align_corners=False)}
+        return {"pixel_values": pixel_values, "interpolate_pos_encoding": True}
 
     def _prompt(self, question: str | None, answer: str | None = None) -> str:
         """The chat-template prompt (vlm family) for one example."""
@@ -286,9 +302,8 @@ class HFImageText(ImageTextModel):
         return {**enc, "labels": labels}
 
     def forward(self, images=None, labels=None, **kw):
-        if images is not None:
-            kw["pixel_values"] = self.pixels(images)
-            kw.update(self._vision_kw(kw["pixel_values"]))
+        if images is not None:  # BLIP / GIT; chat models get pixel_values from their processor
+            kw.update(self._vision_inputs(images))
         return self.net(labels=labels, **kw).loss
 
     @torch.no_grad()
@@ -297,8 +312,9 @@ class HFImageText(ImageTextModel):
         if self.family == "vlm":
             return self._generate_chat(images, questions, gen)
         tok = self.tokenizer
-        pixel_values = self.pixels(images)
-        gen.update(self._vision_kw(pixel_values))
+        vision = self._vision_inputs(images)
+        pixel_values = vision.pop("pixel_values")
+        gen.update(vision)
         if self.family == "git" and questions is not None:
             return self._generate_git_vqa(pixel_values, questions, gen)
         kw = {}
@@ -347,11 +363,15 @@ class HFImageText(ImageTextModel):
             ensure_hub(name)
         try:
             config = AutoConfig.from_pretrained(name)
+            family, model_cls = _hf_class(config.model_type, task, name)
             processor = AutoProcessor.from_pretrained(name)
+        except UserInputError:
+            raise
+        except ImportError as e:  # e.g. SmolVLM's processor needs num2words
+            raise UserInputError(f"'{name}' needs a package that is not installed: {e}") from None
         except (OSError, ValueError) as e:
             raise UserInputError(f"Could not load '{name}' as an image-to-text model ({type(e).__name__}: {e}). "
                                  f"{OFFLINE_HINT}") from None
-        family, model_cls = _hf_class(config.model_type, task, name)
         if not hasattr(processor, "image_processor"):
             raise UserInputError(f"'{name}' has no image processor (preprocessor_config.json); save the model's "
                                  f"processor with it, not only its tokenizer.")

@@ -17,13 +17,14 @@ import torch
 import yaml
 from PIL import Image
 from test_engine import make_folder, tiny_cfg
+from test_vlm import SIDE, build_blip, build_chat_vlm, build_git, picture, write_dataset
 
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
 from mmdemo.errors import UserInputError
 from mmdemo.hub import (HubClient, add_cli_commands, build_model_card, deploy_space, export_run, push_run,
                         push_run_api, run_cli, space_files)
-from mmdemo.inference import classify
+from mmdemo.inference import answer, caption, classify
 from mmdemo.models import load_classifier
 from mmdemo.training import train
 
@@ -33,6 +34,12 @@ TOKEN = "hf_SecretTestToken0123456789abcdef"
 MODEL_FILES = {"README.md", "config.json", "model.safetensors", "mmdemo.json", "training_config.yaml", "eval.json",
                "loss_curve.png", "confusion_matrix.png"}
 ADAPTER_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+RUN_FILES = {"README.md", "mmdemo.json", "training_config.yaml", "eval.json", "loss_curve.png"}
+TRANSFORMERS_FILES = RUN_FILES | {"config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                                  "tokenizer.json", "tokenizer_config.json"}
+COMPOSED_FILES = RUN_FILES | {"projection.safetensors", "vision/config.json", "vision/model.safetensors",
+                              "text/config.json", "text/generation_config.json", "text/model.safetensors",
+                              "text/tokenizer.json", "text/tokenizer_config.json"}
 
 
 def whoami_info(role="write", scoped=None, user="alice"):
@@ -91,10 +98,11 @@ def front_matter(text: str) -> dict:
 
 
 def assert_no_local_paths(folder: Path, *paths):
+    """No file of the export (weights and pictures included) holds any of ``paths``."""
     for f in folder.rglob("*"):
-        if f.suffix in (".json", ".yaml", ".md"):
-            text = f.read_text()
-            assert not [p for p in paths if str(p) in text], (f.name, text[:2000])
+        if f.is_file():
+            data = f.read_bytes()
+            assert not [p for p in paths if str(p).encode() in data], (f.name, data[:2000])
 
 
 # --- export: what is shared, and that it loads without mmdemo ---------------------------------
@@ -328,7 +336,7 @@ def test_space_deploy_uploads_only_what_the_space_needs():
                          ("upload_folder", "alice/mmdemo", "space")]
     files = set(hub.uploaded)
     assert files == set(result["files"]) == set(space_files()) | {"README.md"}
-    assert {"app.py", "requirements.txt", "README.md", "mmdemo/__init__.py", "mmdemo/hub.py",
+    assert {"app.py", "requirements.txt", "README.md", "mmdemo/__init__.py", "mmdemo/hub/__init__.py",
             "assets/sample_shapes.zip"} <= files
     assert all(f.endswith(".py") for f in files if f.startswith("mmdemo/"))
     assert not [f for f in files if f.split("/")[0] in ("tests", ".venv", "data", "bench", ".git", "scripts")
@@ -373,3 +381,156 @@ def test_cli_export_in_a_subprocess(runs, tmp_path):
     again = subprocess.run([sys.executable, "-m", "mmdemo", "export", str(runs["full"]), str(tmp_path / "out")],
                            env=ENV, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+# --- captioning and VQA: transformers folders, and the composed offline default -----------------
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory):
+    """Two-step runs: tiny BLIP, GIT and chat-VLM (Idefics3) captioners and a tiny BLIP VQA model (test_vlm's
+    builders), and the offline default captioner (EfficientNet-Lite0 + MiniLM) at 64 px."""
+    root = tmp_path_factory.mktemp("text")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small only lose from a second thread on a busy machine
+    try:
+        data = {task: write_dataset(root / task, task) for task in ("captioning", "vqa")}
+        bases = {"blip": build_blip(root / "base-blip", vqa=False), "git": build_git(root / "base-git"),
+                 "vlm": build_chat_vlm(root / "base-vlm"), "blip-vqa": build_blip(root / "base-blip-vqa", vqa=True)}
+        runs = {"root": root}
+        for key, task, method in (("blip", "captioning", "frozen_vision"), ("git", "captioning", "full"),
+                                  ("vlm", "captioning", "lora"), ("blip-vqa", "vqa", "full"),
+                                  ("composed", "captioning", "full")):
+            runs[key] = root / f"run-{key}"
+            train(TrainConfig(task=task, data=data[task], output_dir=str(runs[key]), base_model=bases.get(key, ""),
+                              method=method, max_steps=2, batch_size=4, image_size=64 if key == "composed" else 0))
+        yield runs
+    finally:
+        torch.set_num_threads(threads)
+
+
+def card_metrics(out: Path) -> tuple[dict, dict]:
+    """The card's metadata as the Hub's own parser reads it, and its model-index metrics by name."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.eval_results and {r.task_type for r in card.data.eval_results} == {"image-text-to-text"}
+    return card.data.to_dict(), {r.metric_name: r.metric_value for r in card.data.eval_results}
+
+
+def pipeline_call(family: str, image_path: Path) -> dict:
+    """The card's own pipeline call per family: GIT continues "[CLS]" as it was fine-tuned to (a plain
+    text="" adds a [SEP]); a chat model gets mmdemo's captioning prompt as a chat message."""
+    if family == "blip":
+        return {"images": str(image_path), "text": ""}
+    if family == "git":
+        return {"images": str(image_path), "text": "[CLS]", "add_special_tokens": False, "return_full_text": False}
+    prompt = "Describe this image in a few words."  # mmdemo's captioning prompt for chat models
+    content = [{"type": "image", "url": str(image_path)}, {"type": "text", "text": prompt}]
+    return {"text": [{"role": "user", "content": content}], "return_full_text": False}
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "vlm"])
+def test_caption_export_says_in_the_pipeline_what_mmdemo_says(text_runs, tmp_path, family):
+    from transformers import pipeline
+
+    run, out = text_runs[family], tmp_path / family
+    files = export_run(run, out, repo_id="alice/captions")
+    expected = TRANSFORMERS_FILES | ({"chat_template.jinja"} if family == "vlm" else set())
+    assert set(files) == expected == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    pipe = pipeline("image-text-to-text", model=str(out))
+    with torch.inference_mode():
+        for i, color in enumerate(("red", "blue")):
+            image = picture(color, i).resize((SIDE, SIDE))
+            image.save(tmp_path / f"{color}.png")
+            ours = caption(image, run)  # greedy, 30 new tokens
+            theirs = pipe(**pipeline_call(family, tmp_path / f"{color}.png"), max_new_tokens=30)
+            assert ours and theirs[0]["generated_text"].strip() == ours, (ours, theirs)
+
+    meta, metrics = card_metrics(out)
+    report = json.loads((run / "eval.json").read_text())
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-text-to-text"
+    assert {"image-captioning", "mmdemo", family} <= set(meta["tags"]) and "base_model" not in meta
+    assert metrics == {"BLEU-4": report["bleu4"], "ROUGE-L": report["rouge_l"], "CIDEr": report["cider"]}
+    assert meta["metrics"] == ["bleu", "rouge", "cider"]
+    text = (out / "README.md").read_text()
+    for needle in (f"| BLEU-4 | {report['bleu4']:.4f} |", f"| CIDEr | {report['cider']:.4f} |", "### Examples",
+                   "| 0 | a red shape / something red |", "![loss curve](loss_curve.png)", "task: captioning",
+                   'pipeline("image-text-to-text", model="alice/captions")'):
+        assert needle in text, needle
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["base_model"] == ""  # a local folder
+    assert json.loads((out / "mmdemo.json").read_text())["base_model"] == ""
+    assert_no_local_paths(out, text_runs["root"], tmp_path)
+
+
+def test_blip_vqa_export_answers_with_blip_for_question_answering(text_runs, tmp_path):
+    from transformers import BlipForQuestionAnswering, BlipProcessor
+
+    run, out = text_runs["blip-vqa"], tmp_path / "vqa"
+    assert set(export_run(run, out)) == TRANSFORMERS_FILES
+    processor, model = BlipProcessor.from_pretrained(out), BlipForQuestionAnswering.from_pretrained(out).eval()
+    with torch.inference_mode():
+        for color, question in (("green", "what color?"), ("yellow", "what is in the picture?")):
+            image = picture(color).resize((SIDE, SIDE))
+            inputs = processor(images=image, text=question, return_tensors="pt")
+            theirs = processor.decode(model.generate(**inputs, max_new_tokens=10)[0], skip_special_tokens=True)
+            ours = answer(image, question, run)
+            assert ours and theirs.strip() == ours, (ours, theirs)
+
+    meta, metrics = card_metrics(out)
+    report = json.loads((run / "eval.json").read_text())
+    assert meta["pipeline_tag"] == "image-text-to-text" and "visual-question-answering" in meta["tags"]
+    assert metrics == {"VQA accuracy": report["vqa_accuracy"], "exact match": report["exact_match"]}
+    assert [m["type"] for m in meta["model-index"][0]["results"][0]["metrics"]] == ["accuracy", "exact_match"]
+    text = (out / "README.md").read_text()
+    assert "| row | question | reference | predicted |" in text and "| 0 | what color? | red |" in text
+    assert "BlipForQuestionAnswering.from_pretrained" in text
+    assert_no_local_paths(out, text_runs["root"], tmp_path)
+
+
+def test_composed_export_parts_load_with_timm_and_transformers(text_runs, tmp_path):
+    import timm
+    from transformers import BertLMHeadModel, BertTokenizerFast
+
+    from mmdemo.vlm import load_image_text_model
+
+    run, out = text_runs["composed"], tmp_path / "composed"
+    assert set(export_run(run, out)) == COMPOSED_FILES
+    ours = load_image_text_model(run / "model").eval()
+    encoder = timm.create_model(f"local-dir:{out / 'vision'}", pretrained=True).eval()
+    decoder = BertLMHeadModel.from_pretrained(out / "text").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(encoder.forward_features(x), ours.encoder.forward_features(x))
+    theirs = decoder.state_dict()
+    assert decoder.config.is_decoder and decoder.config.add_cross_attention
+    assert all(torch.equal(theirs[k], v) for k, v in ours.decoder.state_dict().items())
+    assert BertTokenizerFast.from_pretrained(out / "text")("a red shape").input_ids == \
+        ours.tokenizer("a red shape").input_ids
+    image = picture("red")
+    assert caption(image, out) == caption(image, run)  # mmdemo loads the export folder as it is
+
+    meta, metrics = card_metrics(out)
+    report = json.loads((run / "eval.json").read_text())
+    assert meta["library_name"] == "mmdemo" and meta["pipeline_tag"] == "image-text-to-text"
+    assert meta["license"] == "apache-2.0" and "base_model" not in meta  # an offline alias, not a Hub id
+    assert metrics == {"BLEU-4": report["bleu4"], "ROUGE-L": report["rouge_l"], "CIDEr": report["cider"]}
+    text = (out / "README.md").read_text()
+    for needle in ('timm.create_model(f"local-dir:{folder}/vision", pretrained=True)',
+                   'BertLMHeadModel.from_pretrained(f"{folder}/text")', "from mmdemo.inference import caption",
+                   "projection.safetensors", "64 px"):
+        assert needle in text, needle
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["base_model"] == "efficientnet_lite0+minilm"
+    assert_no_local_paths(out, text_runs["root"], tmp_path, sys.prefix)
+
+
+def test_push_of_a_captioning_run_uploads_exactly_its_export(text_runs, tmp_path):
+    hub = FakeHub()
+    result = push_run(text_runs["git"], "alice/git-captions", token=TOKEN, api=hub)
+    assert hub.calls == [("whoami", TOKEN), ("create_repo", "alice/git-captions", "model", True, None),
+                         ("upload_folder", "alice/git-captions", "model")]
+    exported = export_run(text_runs["git"], tmp_path / "export", repo_id="alice/git-captions")
+    assert sorted(hub.uploaded) == result["files"] == exported
+    assert {name: data for name, data in hub.uploaded.items()} == \
+        {name: (tmp_path / "export" / name).read_bytes() for name in exported}
+    assert not [name for name, data in hub.uploaded.items() if TOKEN.encode() in data]

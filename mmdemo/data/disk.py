@@ -83,7 +83,8 @@ def preview_images(dataset_dir, per_class=6, split="train"):
         chosen = list(range(0, len(ds), step))[:per_class * PREVIEW_ITEMS_PER_CLASS]
         previews = {}
         for example in ds.select(chosen):
-            key = example["captions"][0] if "captions" in example else f"{example['question']} → {example['answers'][0]}"
+            key = (example["captions"][0] if "captions" in example
+                   else f"{example['question']} → {example['answers'][0]}")
             previews.setdefault(key, []).append(_thumbnail(example["image"]))
         return previews
     names = ds.features["label"].names

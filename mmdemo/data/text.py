@@ -92,8 +92,8 @@ def _unit_features(task, image):
 def _upload_units(upload, task):
     """Reads every metadata file of every split -> split -> units Dataset (images not decoded yet)."""
     spec, root = TEXT_TASKS[task], upload.root
-    files = {"train": [upload.metadata]} if upload.metadata else split_files(root)
-    metas = {split: sorted(p for p in paths if p.name in METADATA_NAMES) for split, paths in files.items()}
+    metas = {"train": [upload.metadata]} if upload.metadata else {
+        split: sorted(p for p in paths if p.name in METADATA_NAMES) for split, paths in split_files(root).items()}
     _check_metadata_files(metas, upload, task)
     units, problems, warnings, exts = {}, [], [], image_extensions()
     for split, split_metas in metas.items():
@@ -181,7 +181,7 @@ def _texts(value, noun) -> tuple[list[str] | None, str]:
             pass  # a caption that merely starts with "["
     texts = []
     for item in value if isinstance(value, list) else [value]:
-        item = item.get("answer") if isinstance(item, dict) else item
+        item = item["answer"] if isinstance(item, dict) and "answer" in item else item
         if isinstance(item, bool) or not isinstance(item, (str, int, float, type(None))):
             return None, f"the {noun} is not text ({repr(item)[:40]})"
         text = "" if item is None or item != item else str(item).strip()  # item != item: NaN

@@ -5,21 +5,29 @@ metadata.csv / metadata.jsonl. Messages end with the task's own layout hint (`La
 """
 
 import csv
+import errno
 import io
 import json
 import os
 import re
-import shutil
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 from mmdemo.errors import UserInputError
 
 SPLITS = ("train", "validation", "test")
-MAX_UNZIPPED_BYTES = 4 << 30  # zip bomb guard on the declared sizes (zipfile enforces them)
+# Upload limits, read at call time from the environment (a Space owner sets them in the Space settings).
+# Ingest runs inside the web server, so these guard its disk and memory: a zip is counted as it unpacks.
+LIMITS = {"MMDEMO_MAX_UNZIPPED_MB": 2048, "MMDEMO_MAX_ZIP_MEMBERS": 50_000, "MMDEMO_MAX_ZIP_RATIO": 100,
+          "MMDEMO_MAX_METADATA_MB": 50}
+RATIO_FLOOR = 1 << 20  # the ratio is judged past 1 MB: small files (a metadata.csv) compress very well
+CHUNK = 1 << 20
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+SKIPPED_FILE = ".mmdemo-skipped.json"  # what extract_zip left out; hidden, so no builder reads it
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -62,9 +70,25 @@ def open_upload(source, work: Path, layout: Layout) -> Upload:
     else:
         raise UserInputError(f"'{path.name}' was not found; upload it again.")
     if not list_images(upload.root):
-        raise UserInputError(f"No images found in '{upload.display}'; it needs image files (JPEG, PNG, WebP, BMP, "
-                             f"GIF, TIFF) {layout.images_where}.")
+        archives = _skipped(upload.root).get("archives")
+        inside = (f" (it holds another archive, {archives[0]}: unzip that and zip the images themselves)"
+                  if archives else "")
+        raise UserInputError(f"No images found in '{upload.display}'{inside}; it needs image files (JPEG, PNG, WebP, "
+                             f"BMP, GIF, TIFF) {layout.images_where}.")
     return upload
+
+
+def limit(name: str) -> float:
+    """An upload limit: the environment variable if set, else its default (LIMITS)."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return float(value) if value else float(LIMITS[name])
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _mb(n: float) -> str:
+    return f"{n:g} MB"
 
 
 def is_junk(rel_path) -> bool:
@@ -86,41 +110,128 @@ def list_images(root: Path) -> list[str]:
 
 
 def extract_zip(zip_path: Path, dest: Path) -> Path:
-    """Extracts images and metadata files only, after checking every member is safe."""
+    """Extracts images and metadata files only, after checking every member is safe.
+
+    The caps (MMDEMO_MAX_ZIP_MEMBERS, MMDEMO_MAX_UNZIPPED_MB, MMDEMO_MAX_ZIP_RATIO) are enforced on the
+    bytes actually decompressed, chunk by chunk, never on the sizes the archive declares. What is left
+    out (nested archives, other files, repeated paths) is recorded in dest/SKIPPED_FILE for the warnings.
+    """
     name = zip_path.name
+    skipped = {"archives": [], "other": [], "duplicates": [], "unwritable": []}
     try:
+        _check_directory(zip_path, name)
         with zipfile.ZipFile(zip_path) as archive:
             members = archive.infolist()
             _check_members(members, name)
-            wanted = image_extensions()
+            budget = _Budget(name, zip_path.stat().st_size)
+            wanted, seen = image_extensions(), set()
             for info in members:
                 rel = info.filename.replace("\\", "/")
-                keep = Path(rel).suffix.lower() in wanted or Path(rel).name in METADATA_NAMES
-                if info.is_dir() or is_junk(rel) or not keep:
-                    continue  # nested archives and other files never reach the imagefolder builder
-                target = dest.joinpath(*rel.split("/"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as error:  # RuntimeError: encrypted
+                if info.is_dir() or rel.endswith("/") or is_junk(rel):
+                    continue
+                if Path(rel).suffix.lower() not in wanted and Path(rel).name not in METADATA_NAMES:
+                    # nested archives and other files never reach the imagefolder builder
+                    skipped["archives" if rel.lower().endswith(ARCHIVE_SUFFIXES) else "other"].append(rel)
+                    continue
+                if rel in seen:
+                    skipped["duplicates"].append(rel)
+                    continue
+                seen.add(rel)
+                _extract_member(archive, info, dest.joinpath(*[p for p in rel.split("/") if p not in ("", ".")]),
+                                budget, skipped)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:  # encrypted
         raise UserInputError(f"'{name}' is damaged or password-protected ({error}); create the zip again "
                              "without a password and re-upload.") from None
     dest.mkdir(parents=True, exist_ok=True)
+    if any(skipped.values()):
+        (dest / SKIPPED_FILE).write_text(json.dumps(skipped))
     return dest
 
 
+def _check_directory(zip_path: Path, name: str) -> None:
+    """Counts entries from the end record before zipfile parses the central directory into memory."""
+    with open(zip_path, "rb") as f:
+        end = zipfile._EndRecData(f)  # noqa: SLF001 - the stdlib's own reader of the end record
+    if not end:
+        return  # not a zip after all: zipfile raises BadZipFile with its own words
+    # An entry takes 46 bytes plus its name: a huge directory is a flood of entries, whatever count it declares
+    entries = max(end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE] // 200)  # noqa: SLF001
+    _check_count(entries, name)
+
+
+def _check_count(entries: int, name: str) -> None:
+    cap = int(limit("MMDEMO_MAX_ZIP_MEMBERS"))
+    if entries > cap:
+        raise UserInputError(f"'{name}' holds more than {cap} entries, the limit of this app "
+                             "(MMDEMO_MAX_ZIP_MEMBERS); upload fewer files, e.g. split the dataset.")
+
+
 def _check_members(members, name):
-    total = 0
+    _check_count(len(members), name)
     for info in members:
         rel = info.filename.replace("\\", "/")
         is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
         if rel.startswith("/") or re.match(r"[A-Za-z]:", rel) or ".." in rel.split("/") or is_link:
             raise UserInputError(f"'{name}' contains an unsafe entry '{info.filename}' (absolute path, '..' "
                                  "or symlink); zip the dataset folder itself and upload that.")
-        total += info.file_size
-    if total > MAX_UNZIPPED_BYTES:
-        raise UserInputError(f"'{name}' unpacks to {total / 2**30:.1f} GB, more than the "
-                             f"{MAX_UNZIPPED_BYTES / 2**30:.0f} GB limit; upload fewer or smaller images.")
+        if not info.is_dir() and info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2 / LZMA decompress a whole read at once, so the byte count below could not stop them in time
+            raise UserInputError(f"'{name}' stores '{info.filename}' with bzip2 or LZMA compression; create the "
+                                 "zip with the standard (Deflate) compression and upload it again.")
+
+
+class _Budget:
+    """Counts decompressed bytes against the caps as they are written."""
+
+    def __init__(self, name: str, archive_size: int):
+        self.name, self.archive_size, self.total = name, archive_size, 0
+        self.max_bytes = limit("MMDEMO_MAX_UNZIPPED_MB") * 2**20
+        self.ratio = limit("MMDEMO_MAX_ZIP_RATIO")
+
+    def add(self, info, written: int, n: int) -> None:
+        self.total += n
+        if self.total > self.max_bytes:
+            raise UserInputError(f"'{self.name}' unpacks to more than {_mb(self.max_bytes / 2**20)}, the limit of "
+                                 "this app (MMDEMO_MAX_UNZIPPED_MB); upload fewer or smaller images.")
+        if self.ratio and (written > max(RATIO_FLOOR, self.ratio * info.compress_size)
+                           or self.total > max(RATIO_FLOOR, self.ratio * self.archive_size)):
+            raise UserInputError(f"'{self.name}' looks like a zip bomb: '{info.filename}' unpacks to more than "
+                                 f"{self.ratio:g} times its compressed size (MMDEMO_MAX_ZIP_RATIO); upload the "
+                                 "images themselves, which barely compress.")
+
+
+def _extract_member(archive, info, target: Path, budget: _Budget, skipped: dict) -> None:
+    written, rel, opened = 0, info.filename.replace("\\", "/"), False
+    try:
+        if target.exists():  # the same path spelt differently (cats//1.png, cats/./1.png)
+            skipped["duplicates"].append(rel)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(info) as src, open(target, "wb") as dst:
+            opened = True
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                budget.add(info, written, len(chunk))  # before writing: stop at the cap, not after it
+                dst.write(chunk)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserInputError("The server ran out of disk space while unpacking the upload; try a smaller "
+                                 "dataset or try again later.") from None
+        # a name too long for the disk, or a path that is both a file and a folder in the zip
+        if opened:
+            target.unlink(missing_ok=True)
+        skipped["unwritable"].append(rel)
+
+
+def _skipped(root: Path) -> dict:
+    try:
+        return json.loads((Path(root) / SKIPPED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _are(items) -> str:
+    return "is" if len(items) == 1 else "are"
 
 
 def split_patterns(root: Path) -> dict:
@@ -146,35 +257,74 @@ def split_files(root: Path) -> dict[str, list[Path]]:
 
 
 def ignored_images_warning(used: set[str], root: Path) -> list[str]:
-    """Names images the layout left out: outside the split folders, or not listed in a metadata file."""
+    """Names images the layout left out (outside the split folders, or not listed in a metadata file) and
+    the zip entries extraction left out (nested archives, other files, repeated paths)."""
     ignored = [p for p in list_images(root) if p not in used]
-    if not ignored:
-        return []
-    return [f"Ignored {plural(len(ignored), 'image')} outside the split folders or not listed in the metadata file: "
-            f"{listing(ignored, 5)}."]
+    warnings = [f"Ignored {plural(len(ignored), 'image')} outside the split folders or not listed in the metadata "
+                f"file: {listing(ignored, 5)}."] if ignored else []
+    skipped = _skipped(root)
+    if skipped.get("archives"):
+        warnings.append(f"Skipped {plural(len(skipped['archives']), 'nested archive')} "
+                        f"({listing(skipped['archives'], 5)}): archives inside the zip are not opened; unzip them "
+                        "and put their images in the zip itself.")
+    if skipped.get("other"):
+        warnings.append(f"Ignored {plural(len(skipped['other']), 'file')} that {_are(skipped['other'])} neither "
+                        f"images nor metadata: {listing(skipped['other'], 5)}.")
+    if skipped.get("unwritable"):
+        warnings.append(f"Skipped {plural(len(skipped['unwritable']), 'file')} that cannot be unpacked here (a name "
+                        f"too long, or a path that is also a folder): {listing(skipped['unwritable'], 5)}.")
+    if skipped.get("duplicates"):
+        n = len(skipped["duplicates"])
+        warnings.append(f"Skipped {n} repeated {'entry' if n == 1 else 'entries'} "
+                        f"({listing(skipped['duplicates'], 5)}): the zip holds the same path more than once; the "
+                        "first copy was kept.")
+    return warnings
 
 
 def read_metadata(meta: Path, display, example: dict) -> tuple[list[str], list[tuple[int, dict]]]:
     """The columns and (line number, row) pairs of a metadata .csv / .jsonl; lines as an editor numbers them."""
-    text = meta.read_text(encoding="utf-8-sig", errors="replace")
+    text = _read_text(meta, display)
     if not text.strip():
         raise UserInputError(f"'{display}' is empty; it needs a header '{','.join(example)}' and one row per image.")
     if meta.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        return list(reader.fieldnames or []), [(reader.line_num, row) for row in reader]
+        try:
+            return list(reader.fieldnames or []), [(reader.line_num, row) for row in reader]
+        except csv.Error as error:  # e.g. a cell over the csv module's 128 kB field limit
+            raise UserInputError(f"Line {reader.line_num} of '{display}' is not valid CSV ({error}); save it as a "
+                                 "plain comma-separated file with one row per image.") from None
     rows = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested brackets
             row = None
         if not isinstance(row, dict):
             raise UserInputError(f"Line {number} of '{display}' is not a JSON object; write one object per line, "
                                  f"e.g. {json.dumps(example)}.")
         rows.append((number, row))
     return list(rows[0][1]), rows
+
+
+def _read_text(meta: Path, display) -> str:
+    """A metadata file's text: capped in size (MMDEMO_MAX_METADATA_MB), strictly UTF-8 (a BOM is fine)."""
+    cap = limit("MMDEMO_MAX_METADATA_MB")
+    size = meta.stat().st_size
+    if size > cap * 2**20:
+        raise UserInputError(f"'{display}' is {size / 2**20:.1f} MB, more than the {_mb(cap)} limit for metadata "
+                             "files (MMDEMO_MAX_METADATA_MB); keep only the needed columns, or split the dataset.")
+    data = meta.read_bytes()
+    if b"\0" in data:
+        raise UserInputError(f"'{display}' is not a text file (it contains binary data); write the metadata as "
+                             "text and save it as UTF-8.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"'{display}' is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
+                             f"{error.start}); save it as UTF-8 (in Excel: Save As, 'CSV UTF-8') and upload it "
+                             "again.") from None
 
 
 def check_columns(display, columns, needed: list[tuple[str, ...]], fix: str) -> dict[str, str]:

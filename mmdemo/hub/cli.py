@@ -1,0 +1,54 @@
+"""``push``, ``export`` and ``space deploy`` on the command line (wired into mmdemo/__main__.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import UserInputError
+from .export import export_run
+from .push import push_run
+from .space import deploy_space
+
+
+def add_cli_commands(subparsers) -> None:
+    """Adds ``push``, ``export`` and ``space deploy`` to the CLI's sub-command parsers."""
+    token_help = "a write token (default: HF_TOKEN, then the cached `hf auth login`)"
+    p = subparsers.add_parser("push", help="upload a run's model, card and config to the Hugging Face Hub")
+    p.add_argument("run_dir")
+    p.add_argument("repo_id", help="owner/name, or name for your user")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True, help="(the default)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="make a new repo public")
+    p.add_argument("--token", default="", help=token_help)
+    p.add_argument("--merged", action="store_true", help="LoRA runs: the merged model only, no adapter/")
+    e = subparsers.add_parser("export", help="write the files `push` would upload into a folder, offline")
+    e.add_argument("run_dir")
+    e.add_argument("out_dir")
+    e.add_argument("--merged", action="store_true", help="LoRA runs: the merged model only, no adapter/")
+    s = subparsers.add_parser("space", help="deploy this app as a Hugging Face Space")
+    d = s.add_subparsers(dest="space_command", required=True).add_parser(
+        "deploy", help="create or update a Gradio Space running this app (settings: Space.yaml)")
+    d.add_argument("repo_id", help="owner/name, or name for your user")
+    d.add_argument("--token", default="", help=token_help)
+    d.add_argument("--private", action="store_true", default=None, help="a new Space is private")
+
+
+def run_cli(args, api=None) -> int | None:
+    """Runs ``push`` / ``export`` / ``space deploy``: one JSON line on stdout and exit code 0, or the error on
+    stderr and 2. Returns None when ``args.command`` is none of these."""
+    command = getattr(args, "command", None)
+    if command not in ("push", "export", "space"):
+        return None
+    try:
+        if command == "push":
+            out = push_run(args.run_dir, args.repo_id, args.token, private=args.private, merged=args.merged, api=api)
+        elif command == "export":
+            out = {"out_dir": args.out_dir, "files": export_run(args.run_dir, args.out_dir, merged=args.merged)}
+        else:
+            out = deploy_space(args.repo_id, args.token, private=args.private, api=api)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
