@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import html
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -32,14 +33,23 @@ DEFAULT_CHECKPOINT = "ImageNet classifier (efficientnet_lite0, offline)"
 MAX_UPLOAD = os.environ.get("MMDEMO_MAX_UPLOAD", "500mb")
 
 
-@functools.cache
-def manager():
-    """One job manager per server process, created on first use (it starts a watcher thread)."""
-    from mmdemo.jobs import JobManager
+_manager_lock = threading.Lock()
 
-    jobs = JobManager()
-    ws.start_cleanup(jobs)  # hourly: workspaces idle past MMDEMO_WORKSPACE_TTL_HOURS go, never with a live run
-    return jobs
+
+def manager():
+    """One job manager per server process, created on first use (it starts a watcher thread); the lock
+    keeps two first requests from creating two queues."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            from mmdemo.jobs import JobManager
+
+            _manager = JobManager()
+            ws.start_cleanup(_manager)  # hourly: idle workspaces past MMDEMO_WORKSPACE_TTL_HOURS go, never with a live run
+        return _manager
+
+
+_manager = None
 
 
 def user_errors(fn):
@@ -124,18 +134,31 @@ def resolve_checkpoint(workspace: Path, checkpoint: str) -> str | None:
     return checkpoint
 
 
+def on_gpu(fn):
+    """On ZeroGPU hardware inference runs under ``spaces.GPU`` (which borrows a GPU per call); a no-op
+    where the ``spaces`` package is absent or there is no ZeroGPU."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+@on_gpu
 def do_classify(workspace: Path, image, checkpoint: str, top_k: int = 5) -> dict:
     from mmdemo.inference import classify
 
     return classify(image, resolve_checkpoint(workspace, checkpoint), int(top_k or 5))
 
 
+@on_gpu
 def do_caption(workspace: Path, image, checkpoint: str, max_new_tokens: int = 30, num_beams: int = 1) -> str:
     from mmdemo.inference import caption
 
     return caption(image, resolve_checkpoint(workspace, checkpoint), int(max_new_tokens or 30), int(num_beams or 1))
 
 
+@on_gpu
 def do_answer(workspace: Path, image, question: str, checkpoint: str, max_new_tokens: int = 10,
               num_beams: int = 1) -> str:
     from mmdemo.inference import answer
@@ -302,14 +325,25 @@ def run_choices(wsp: Path, task: str | None = None, finished: bool = False) -> l
 
 @user_errors
 def on_pick_dataset(browser_id, dataset_id):
-    """The dataset's task decides the base models and methods on offer."""
+    """The dataset's task decides the base models and methods on offer; without a GPU the user also
+    learns how long the default recipe takes on the CPU."""
+    from mmdemo.config import TrainConfig
     from mmdemo.data import find_dataset, load_summary
+    from mmdemo.jobs import estimate_cpu_seconds, has_gpu
 
     if not browser_id or not dataset_id:
-        return gr.skip(), gr.skip()
-    task = load_summary(find_dataset(browser_workspace(browser_id), dataset_id)).task
+        return gr.skip(), gr.skip(), gr.skip()
+    summary = load_summary(find_dataset(browser_workspace(browser_id), dataset_id))
+    task = summary.task
+    notice = ""
+    if not has_gpu():
+        minutes = estimate_cpu_seconds(summary, TrainConfig(data=summary.path, output_dir="-", task=task)) / 60
+        notice = (f"⚠️ No GPU here: training runs on the CPU. The default recipe on this dataset takes about "
+                  f"{max(1, round(minutes))} min on 2 cores; larger models, images or datasets take much longer. "
+                  "For long jobs use GPU hardware (on a Hugging Face Space: Settings → Hardware, a dedicated GPU; "
+                  "ZeroGPU only serves inference).")
     return (gr.update(choices=BASE_MODELS[task], value=BASE_MODELS[task][0]),
-            gr.update(choices=METHODS[task], value=METHODS[task][0]))
+            gr.update(choices=METHODS[task], value=METHODS[task][0]), notice)
 
 
 @user_errors
@@ -474,6 +508,7 @@ def build_train_tab(browser_id):
             stop = gr.Button("Stop", variant="stop")
             resume = gr.Button("Resume")
             run = gr.Dropdown(label="Run", choices=[], elem_id="run-choice", scale=3)
+        gpu_notice = gr.Markdown(elem_id="gpu-notice")
         progress = gr.HTML("<div>No run selected.</div>", elem_id="train-status")
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot",
@@ -488,7 +523,7 @@ def build_train_tab(browser_id):
                               height=260)
         build_push_section(browser_id, run)
     settings = [dataset, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup, augment, patience, seed]
-    return settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes
+    return settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 
 
 @user_errors
@@ -548,7 +583,8 @@ def build_demo() -> gr.Blocks:
         gr.Markdown("# mmdemo\nUpload labelled images, fine-tune a model, and try it, all in the browser.")
         browser_id = gr.BrowserState("", storage_key="mmdemo-browser-id")
         file, task, hub_id, load, sample, summary, counts, gallery = build_dataset_tab()
-        settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes = build_train_tab(browser_id)
+        (settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
+         gpu_notice) = build_train_tab(browser_id)
         checkpoint, image, labels, classify_button = build_classify_tab()
         cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
         vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
@@ -561,7 +597,7 @@ def build_demo() -> gr.Blocks:
             on_refresh_choices, browser_id, choices, **private)
         load.click(on_load_dataset, [browser_id, file, hub_id, task], [summary, counts, gallery, dataset], **private)
         sample.click(on_sample, [browser_id, task], [summary, counts, gallery, dataset], **private)
-        dataset.change(on_pick_dataset, [browser_id, dataset], [settings[1], settings[2]], **private)
+        dataset.change(on_pick_dataset, [browser_id, dataset], [settings[1], settings[2], gpu_notice], **private)
         start.click(on_start, [browser_id, *settings], run, **private)
         stop.click(on_stop, [browser_id, run], None, **private)
         resume.click(on_resume, [browser_id, run], None, **private)

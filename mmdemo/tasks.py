@@ -232,6 +232,9 @@ class TextTask:
         from .vlm import save_image_text_model
 
         save_image_text_model(model, model_dir)
+        peft_part = getattr(model, "decoder" if model.family == "composed" else "net")
+        if hasattr(peft_part, "peft_config"):  # the adapter as well as the merged model
+            peft_part.save_pretrained(model_dir / "adapter")
 
 
 def make_task(cfg, splits):

@@ -127,7 +127,6 @@ def train(cfg: TrainConfig) -> dict:
 
     writer = MetricsWriter(run_dir / METRICS_FILE, main)
     if main:
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
         write_status(run_dir, "running", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      pid=os.getpid(), message="", started=time.time(), main_metric=task.main_metric)
     writer.write(type="start", step=state["step"], total_steps=total_steps, epochs=cfg.epochs, task=cfg.task,
@@ -229,6 +228,8 @@ class _Loop:
                                   lr=self.scheduler.get_last_lr()[0], step_time=round((time.time() - t0) / max(1, i + 1), 4))
             if self._stop_requested():
                 self._checkpoint()
+                if self.acc.is_main_process:  # consumed: a later resume must not stop at once
+                    (self.run_dir / STOP_FILE).unlink(missing_ok=True)
                 return "stopped"
             if self.step >= self.total_steps:
                 return "next"

@@ -139,7 +139,7 @@ class ComposedCaptioner(ImageTextModel):
             ids = torch.tensor([prompts[i] for i in idx], device=memory.device)
             out = self.decoder.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=memory[idx],
-                past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                 eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
             for row, i in enumerate(idx):

@@ -73,7 +73,7 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
         lines += [_text_intro(meta, cfg, base), "", *_text_metrics(report, task), *_text_examples(report, task)]
         lines += _text_usage(repo, family, task, meta, adapter)
     lines += ["## Training", ""]
-    if (run_dir / "metrics.jsonl").is_file():
+    if any(_losses(run_dir / "metrics.jsonl")):  # exactly when export_run draws loss_curve.png
         lines += ["![loss curve](loss_curve.png)", ""]
     lines += [f"The configuration (`{CONFIG_FILE}`, local paths removed):", "", "```yaml",
               yaml.safe_dump(public_config(cfg), sort_keys=False).strip(), "```", ""]
@@ -276,16 +276,7 @@ def plot_loss_curve(metrics_path, out_path) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    train, val, path = {}, {}, Path(metrics_path)
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if r.get("type") == "train" and "loss" in r:
-            train[r["step"]] = r["loss"]  # a resumed run repeats steps: the last value wins
-        elif r.get("type") == "eval" and "val_loss" in r:
-            val[r["step"]] = r["val_loss"]
+    train, val = _losses(metrics_path)
     if not train and not val:
         return False
     fig = Figure(figsize=(6, 3.5))  # no pyplot: no global backend state, safe in the server's threads
@@ -300,3 +291,18 @@ def plot_loss_curve(metrics_path, out_path) -> bool:
     fig.tight_layout()
     fig.savefig(out_path, dpi=80)
     return True
+
+
+def _losses(metrics_path) -> tuple[dict, dict]:
+    """``({step: training loss}, {step: validation loss})`` of a metrics.jsonl (empty when there is none)."""
+    train, val, path = {}, {}, Path(metrics_path)
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if r.get("type") == "train" and "loss" in r:
+            train[r["step"]] = r["loss"]  # a resumed run repeats steps: the last value wins
+        elif r.get("type") == "eval" and "val_loss" in r:
+            val[r["step"]] = r["val_loss"]
+    return train, val

@@ -1,0 +1,206 @@
+"""Benchmark 5: inference latency p50 / p95 for classify, caption and answer; batched classify throughput.
+
+    python bench/inference_latency.py                  # CPU figures; GPU lines say "skipped" without CUDA
+    python bench/inference_latency.py --calls 50 --train-steps 5
+
+classify: ``mmdemo.inference.classify`` with the embedded ImageNet default (efficientnet_lite0, 224 px),
+one call per image as the app makes it (resize + crop, normalise, forward, top-5). caption / answer:
+``mmdemo.inference.caption`` / ``answer`` on a composed model (efficientnet_lite0 + MiniLM, the offline
+default) trained for a few steps (``--train-steps``) on assets/sample_captions.zip / sample_vqa.zip
+through ``mmdemo.data.ingest_dataset`` and ``mmdemo.training.train``: latency does not depend on how
+well it was trained, except through how many tokens it generates, which is printed with each figure.
+The first call (model load + first forward) is reported apart as "cold"; p50 / p95 are over
+``--calls`` warm calls on the example images in turn.
+
+Batched classify throughput: the same predictor and preprocessing over batches of 1, 8 and 32
+images (images/s, preprocessing included and also reported alone).
+
+GPU (only with CUDA): ``mmdemo.inference`` keeps its models on the CPU; the GPU lines move the
+cached predictor to the GPU (bf16 autocast for classify) and time the same calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, emit, median, percentile, print_env, skipped  # noqa: E402
+
+EXAMPLES = sorted((ROOT / "assets" / "examples").glob("*.jpg")) + sorted((ROOT / "assets" / "examples").glob("*.png"))
+QUESTION = "What shape is in the picture?"
+
+
+def images():
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in EXAMPLES]
+
+
+def latencies(fn, imgs, calls: int) -> tuple[list[float], list]:
+    times, outs = [], []
+    for k in range(calls):
+        t0 = time.perf_counter()
+        outs.append(fn(imgs[k % len(imgs)]))
+        times.append(time.perf_counter() - t0)
+    return times, outs
+
+
+def emit_latency(name: str, times: list[float], **extra) -> None:
+    emit(f"{name}_latency_p50", round(percentile(times, 50) * 1000, 1), "ms", calls=len(times), **extra)
+    emit(f"{name}_latency_p95", round(percentile(times, 95) * 1000, 1), "ms", calls=len(times), **extra)
+
+
+def train_text_model(task: str, zip_name: str, work: Path, steps: int) -> Path:
+    from mmdemo.config import TrainConfig
+    from mmdemo.data import ingest_dataset
+    from mmdemo.training import train
+
+    t0 = time.perf_counter()
+    summary = ingest_dataset(ROOT / "assets" / zip_name, work / "ws", task=task)
+    run_dir = work / f"run-{task}"
+    train(TrainConfig(data=summary.path, output_dir=str(run_dir), task=task, max_steps=steps))
+    emit(f"{task}_setup_seconds", round(time.perf_counter() - t0, 1), "s",
+         note=f"ingest + {steps} training steps + evaluation (not a latency)")
+    return run_dir
+
+
+def classify_part(args, imgs) -> None:
+    import torch
+
+    from mmdemo.images import normalize, resize_center_crop
+    from mmdemo.inference import classify, load_predictor
+
+    t0 = time.perf_counter()
+    classify(imgs[0])
+    emit("classify_cold_seconds", round(time.perf_counter() - t0, 2), "s", note="model build + first call")
+    times, outs = latencies(classify, imgs, args.calls)
+    emit_latency("classify", times, device="cpu", model="efficientnet_lite0 ImageNet, 224 px",
+                 threads=torch.get_num_threads())
+
+    clf = load_predictor(None, "classification")
+    pre = clf.preprocess
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+
+    def prep(batch):
+        return torch.stack([resize_center_crop(im, pre.image_size, pre.crop_pct) for im in batch])
+
+    for b in (1, 8, 32):
+        batch = [imgs[k % len(imgs)] for k in range(b)]
+        with torch.no_grad():
+            clf(normalize(prep(batch), mean, std))  # warm-up at this shape
+            total, prep_only = [], []
+            for _ in range(args.batch_repeats):
+                t0 = time.perf_counter()
+                x = prep(batch)
+                t1 = time.perf_counter()
+                clf(normalize(x, mean, std)).softmax(-1).topk(5)
+                t2 = time.perf_counter()
+                total.append(t2 - t0)
+                prep_only.append(t1 - t0)
+        emit("classify_batched_images_per_s", round(b / median(total), 1), "images/s", batch_size=b, device="cpu",
+             preprocess_images_per_s=round(b / median(prep_only), 1), repeats=args.batch_repeats)
+
+
+def text_part(args, imgs, work: Path) -> dict:
+    from mmdemo.inference import answer, caption
+
+    runs = {}
+    for task, zip_name in (("captioning", "sample_captions.zip"), ("vqa", "sample_vqa.zip")):
+        run_dir = train_text_model(task, zip_name, work, args.train_steps)
+        runs[task] = run_dir
+        if task == "captioning":
+            def fn(im, run_dir=run_dir):
+                return caption(im, run_dir)
+        else:
+            def fn(im, run_dir=run_dir):
+                return answer(im, QUESTION, run_dir)
+        name = "caption" if task == "captioning" else "answer"
+        t0 = time.perf_counter()
+        fn(imgs[0])
+        emit(f"{name}_cold_seconds", round(time.perf_counter() - t0, 2), "s", note="model load + first call")
+        times, outs = latencies(fn, imgs, args.calls)
+        words = median([len(o.split()) for o in outs])
+        emit_latency(name, times, device="cpu", model="efficientnet_lite0+minilm (composed, offline default)",
+                     median_words_generated=words, max_new_tokens=30 if name == "caption" else 10,
+                     example_output=outs[0])
+    return runs
+
+
+def gpu_part(args, imgs, runs: dict) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        for name in ("classify", "caption", "answer"):
+            skipped(f"{name}_latency_p50_gpu", "no CUDA device on this machine")
+        skipped("classify_batched_images_per_s_gpu", "no CUDA device on this machine")
+        return
+    from mmdemo.images import normalize, resize_center_crop
+    from mmdemo.inference import answer, caption, load_predictor
+
+    dev = torch.device("cuda")
+    clf = load_predictor(None, "classification").to(dev)
+    pre = clf.preprocess
+    mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def classify_gpu(batch):
+        x = torch.stack([resize_center_crop(im, pre.image_size, pre.crop_pct) for im in batch])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            probs = clf(normalize(x.to(dev, non_blocking=True), mean, std)).float().softmax(-1)
+        return probs.topk(5).indices.cpu()
+
+    for _ in range(3):
+        classify_gpu(imgs[:1])
+    times, _ = latencies(lambda im: classify_gpu([im]), imgs, args.calls)
+    emit_latency("classify_gpu", times, device=torch.cuda.get_device_name(0), precision="bf16")
+    for b in (1, 32, 256):
+        batch = [imgs[k % len(imgs)] for k in range(b)]
+        classify_gpu(batch)
+        ts = []
+        for _ in range(args.batch_repeats):
+            t0 = time.perf_counter()
+            classify_gpu(batch)
+            ts.append(time.perf_counter() - t0)
+        emit("classify_batched_images_per_s_gpu", round(b / median(ts), 1), "images/s", batch_size=b,
+             device=torch.cuda.get_device_name(0), note="CPU preprocessing included")
+    for task, name in (("captioning", "caption"), ("vqa", "answer")):
+        load_predictor(runs[task], task).to(dev)  # the cached model, moved in place
+
+        def fn(im, task=task, name=name):
+            return caption(im, runs[task]) if name == "caption" else answer(im, QUESTION, runs[task])
+
+        fn(imgs[0])
+        times, _ = latencies(fn, imgs, args.calls)
+        emit_latency(f"{name}_gpu", times, device=torch.cuda.get_device_name(0), precision="fp32")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--batch-repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps of the caption / VQA models")
+    args = parser.parse_args(argv)
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    print_env()
+    imgs = images()
+    work = Path(tempfile.mkdtemp(prefix="mmdemo-infer-"))
+    try:
+        classify_part(args, imgs)
+        runs = text_part(args, imgs, work)
+        gpu_part(args, imgs, runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
