@@ -9,7 +9,7 @@ Steps: load_digits() (1,797 8x8 grey images, 10 classes) -> 32x32 RGB PNGs in cl
 backbone's pooled features of the same split, at the same image size, without augmentation.
 
 Prints one JSON line per figure ({"figure": ..., "value": ...}) and a final {"summary": ...} line.
-The --lr / --epochs / --no-augment / --no-hflip / --eval-mode-fix flags exist only to investigate a default recipe
+The --lr / --epochs / --no-augment / --no-hflip flags exist only to investigate a default recipe
 that loses to the probe; every deviation from the defaults is echoed in each JSON line.
 """
 
@@ -68,22 +68,6 @@ def patch_no_hflip() -> None:
     images.ImageTensors.__init__ = init
 
 
-def patch_eval_mode() -> None:
-    """Investigation only: put the model in eval mode before the engine's validation pass.
-
-    At 4d4d4f6 ``ClassificationTask.predict`` runs the model in train mode (BatchNorm on batch
-    statistics, updating its running statistics with validation images; dropout on)."""
-    from mmdemo import tasks
-
-    original = tasks.ClassificationTask.predict
-
-    def predict(self, model, loader, acc):
-        model.eval()  # the next epoch's train_mode() switches back
-        return original(self, model, loader, acc)
-
-    tasks.ClassificationTask.predict = predict
-
-
 @torch.no_grad()
 def saved_model_accuracy(model_dir: Path, split, batch: int = 64) -> float:
     """Accuracy of the saved run_dir/model in eval mode, as mmdemo.inference would run it."""
@@ -130,8 +114,9 @@ def run_default_recipe(dataset_dir: str, run_dir: Path, args, deviations: dict) 
     marks = [start["time"]] + [r["time"] for r in evals]
     epoch_seconds = [round(b - a, 1) for a, b in zip(marks, marks[1:])]
     step_time = round(float(np.median([r["step_time"] for r in steps])), 3) if steps else None
+    cfg = TrainConfig.load(run_dir / "config.yaml")  # as train() resolved it (image_size filled in)
     resolved = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
-                "image_size": cfg.image_size or 160, "augment": cfg.augment, "method": cfg.method,
+                "image_size": cfg.image_size, "augment": cfg.augment, "method": cfg.method,
                 "base_model": cfg.base_model, "total_steps": start["total_steps"]}
     emit("digits_default_recipe_epoch_seconds", epoch_seconds, note="train epoch + validation + checkpoint",
          median_step_seconds=step_time, batch_size=cfg.batch_size, deviations=deviations)
@@ -197,8 +182,6 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="timing probe only; 0: no limit")
     parser.add_argument("--no-augment", action="store_true", help="investigation only: augment=False")
     parser.add_argument("--no-hflip", action="store_true", help="investigation only: drop the horizontal flip")
-    parser.add_argument("--eval-mode-fix", action="store_true",
-                        help="investigation only: validate in eval mode (see patch_eval_mode)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-probe", action="store_true")
     parser.add_argument("--keep", default="", help="keep the workspace in this folder instead of a temp dir")
@@ -213,12 +196,9 @@ def main(argv=None) -> int:
     deviations = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs),
                                     ("learning_rate", args.lr), ("max_steps", args.max_steps),
                                     ("augment", False if args.no_augment else None),
-                                    ("horizontal_flip", False if args.no_hflip else None),
-                                    ("eval_mode_fix", True if args.eval_mode_fix else None)) if v}
+                                    ("horizontal_flip", False if args.no_hflip else None)) if v}
     if args.no_hflip:
         patch_no_hflip()
-    if args.eval_mode_fix:
-        patch_eval_mode()
     print(json.dumps({"info": "start", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "loadavg": os.getloadavg(), "deviations": deviations}), flush=True)
     workspace = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mmdemo-digits-"))

@@ -1,7 +1,6 @@
 """Benchmark: ingest assets/sample_shapes.zip and train the default model with every default.
 
     python bench/sample_time.py
-    python bench/sample_time.py --eval-mode-fix   # investigation: validate in eval mode
 
 What a user gets from the app's sample dataset: TrainConfig with only data/output_dir set
 (efficientnet_lite0, method "full", the method's epochs / batch size / learning rate, 160 px).
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # run from anywhere without installing
 
-from digits import patch_eval_mode, saved_model_accuracy  # noqa: E402  (bench/digits.py)
+from digits import saved_model_accuracy  # noqa: E402  (bench/digits.py)
 
 FIGURES: dict = {}
 
@@ -43,12 +42,8 @@ def main(argv=None) -> int:
 
     datasets.disable_progress_bars()  # one JSON line per figure, no progress noise in the log
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-mode-fix", action="store_true",
-                        help="investigation only: validate in eval mode (see bench/digits.py patch_eval_mode)")
     args = parser.parse_args(argv)
-    deviations = {"eval_mode_fix": True} if args.eval_mode_fix else {}
-    if args.eval_mode_fix:
-        patch_eval_mode()
+    deviations = {}
 
     print(json.dumps({"info": "start", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                       "loadavg": os.getloadavg(), "deviations": deviations}), flush=True)
@@ -68,9 +63,10 @@ def main(argv=None) -> int:
         start = next(r for r in records if r["type"] == "start")
         evals = [r for r in records if r["type"] == "eval"]
         marks = [start["time"]] + [r["time"] for r in evals]
+        cfg = TrainConfig.load(run_dir / "config.yaml")  # as train() resolved it (image_size filled in)
         resolved = {"base_model": cfg.base_model, "method": cfg.method, "epochs": cfg.epochs,
                     "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
-                    "image_size": cfg.image_size or 160, "total_steps": start["total_steps"]}
+                    "image_size": cfg.image_size, "total_steps": start["total_steps"]}
         emit("sample_epoch_seconds", [round(b - a, 1) for a, b in zip(marks, marks[1:])],
              note="train epoch + validation + checkpoint")
         emit("sample_val_accuracy_per_epoch", [r["accuracy"] for r in evals])

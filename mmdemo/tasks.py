@@ -50,6 +50,7 @@ class ClassificationTask:
 
     @torch.no_grad()
     def predict(self, model, loader, acc):
+        model.eval()  # BatchNorm running statistics and no dropout: what inference will see
         losses, preds, labels = [], [], []
         for x, y in loader:
             logits = self._logits(model, x)

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# No test may reach the Hub: offline mode before any test module imports huggingface_hub / datasets
+# (they read it once, at import), so a Hub id fails at once instead of after minutes of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
 
