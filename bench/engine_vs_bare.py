@@ -154,12 +154,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=4, help="runs of each, interleaved ABBA")
     parser.add_argument("--log-every", type=int, default=1, help="engine's log_every (its default is 1)")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = parser.parse_args(argv)
     if args.pretrained is None:
         args.pretrained = args.model == "efficientnet_lite0"
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print_env()
     patch_step_clock()
     work = Path(tempfile.mkdtemp(prefix="mmdemo-evb-"))

@@ -337,8 +337,8 @@ def test_space_deploy_uploads_only_what_the_space_needs():
     files = set(hub.uploaded)
     assert files == set(result["files"]) == set(space_files()) | {"README.md"}
     assert {"app.py", "requirements.txt", "README.md", "mmdemo/__init__.py", "mmdemo/hub/__init__.py",
-            "assets/sample_shapes.zip"} <= files
-    assert all(f.endswith(".py") for f in files if f.startswith("mmdemo/"))
+            "mmdemo/vlm/__init__.py", "ui/__init__.py", "ui/common.py", "assets/sample_shapes.zip"} <= files
+    assert all(f.endswith(".py") for f in files if f.startswith(("mmdemo/", "ui/")))
     assert not [f for f in files if f.split("/")[0] in ("tests", ".venv", "data", "bench", ".git", "scripts")
                 or "__pycache__" in f]
     assert front_matter(hub.uploaded["README.md"].decode()) == yaml.safe_load((ROOT / "Space.yaml").read_text())
@@ -436,7 +436,8 @@ def test_caption_export_says_in_the_pipeline_what_mmdemo_says(text_runs, tmp_pat
 
     run, out = text_runs[family], tmp_path / family
     files = export_run(run, out, repo_id="alice/captions")
-    expected = TRANSFORMERS_FILES | ({"chat_template.jinja"} if family == "vlm" else set())
+    # The vlm run is a LoRA run: its adapter goes up beside the merged model.
+    expected = TRANSFORMERS_FILES | ({"chat_template.jinja"} | ADAPTER_FILES if family == "vlm" else set())
     assert set(files) == expected == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     pipe = pipeline("image-text-to-text", model=str(out))
     with torch.inference_mode():

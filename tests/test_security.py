@@ -1,6 +1,6 @@
 """Security properties checked on the source and on what training writes.
 
-- Nothing in mmdemo/ or app.py unpickles: `torch.load` only with `weights_only=True`, no `pickle` /
+- Nothing in mmdemo/, ui/ or app.py unpickles: `torch.load` only with `weights_only=True`, no `pickle` /
   `joblib` / `dill` loads, no `yaml.load` without a safe loader, no `eval` / `exec`, no `shell=True`.
 - `trust_remote_code` is never switched on.
 - No token reaches a log or print call.
@@ -26,7 +26,7 @@ from mmdemo.errors import UserInputError
 from mmdemo.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([ROOT / "app.py", *(ROOT / "mmdemo").rglob("*.py")])
+SOURCES = sorted([ROOT / "app.py", *(ROOT / "ui").rglob("*.py"), *(ROOT / "mmdemo").rglob("*.py")])
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".yaml", ".txt", ".md", ".png"}
 PICKLE_LOADERS = {("pickle", "load"), ("pickle", "loads"), ("cPickle", "load"), ("dill", "load"), ("dill", "loads"),
                   ("joblib", "load"), ("cloudpickle", "load"), ("cloudpickle", "loads"), ("pd", "read_pickle"),

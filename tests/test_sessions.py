@@ -152,17 +152,15 @@ def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
 def test_the_app_starts_the_cleanup_with_its_job_manager(tmp_path, monkeypatch):
     monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
     import app
+    from ui import common
 
     old, kept = make_workspace("forgotten"), make_workspace("in use")
     age(old, 1000)
-    # As in a fresh server process: no job manager yet, so no cleanup thread yet.
-    app.manager.cache_clear()
+    # As in a fresh server process: no job manager yet, so no cleanup thread yet (both restored afterwards).
+    monkeypatch.setattr(common, "_manager", None)
     monkeypatch.setattr(workspace, "_cleanup_started", False)
-    try:
-        app.manager()
-        wait_until(lambda: not old.exists(), 20, "the app's cleanup thread removed the old workspace")
-    finally:
-        app.manager.cache_clear()
+    app.manager()
+    wait_until(lambda: not old.exists(), 20, "the app's cleanup thread removed the old workspace")
     assert kept.is_dir()
     assert any(t.name == "mmdemo-cleanup" and t.daemon for t in threading.enumerate())
 

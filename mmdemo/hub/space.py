@@ -12,12 +12,12 @@ from .push import HubClient, check_write_access, resolve_token, secret
 from .rundir import check_repo_id
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACE_FILES, SPACE_DIRS = ("app.py", "requirements.txt", "README.md"), {"mmdemo": "*.py", "assets": "*"}
+SPACE_FILES, SPACE_DIRS = ("app.py", "requirements.txt", "README.md"), {"mmdemo": "*.py", "ui": "*.py", "assets": "*"}
 
 
 def space_files(root=ROOT) -> list[str]:
-    """What a Space needs from a checkout: app.py, the engine's sources, assets/, requirements.txt and
-    README.md (whose front matter holds the Space's settings); never tests, data, venvs or git."""
+    """What a Space needs from a checkout: app.py, the UI's and the engine's sources, assets/,
+    requirements.txt and README.md (whose front matter holds the Space's settings); never tests, data, venvs or git."""
     root = Path(root)
     files = [name for name in SPACE_FILES if (root / name).is_file()]
     for folder, pattern in SPACE_DIRS.items():

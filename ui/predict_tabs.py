@@ -1,0 +1,60 @@
+"""The Classify, Caption and Ask (VQA) tabs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mmdemo.errors import UserInputError
+
+from .common import (DEFAULT_CHECKPOINT, EXAMPLES, SHAPE_EXAMPLES, browser_workspace, do_answer, do_caption,
+                     do_classify, user_errors)
+
+
+@user_errors
+def on_classify(browser_id, image, checkpoint):
+    if image is None:
+        raise UserInputError("Drop an image first (or click an example).")
+    return do_classify(browser_workspace(browser_id), image, checkpoint or "")
+
+
+@user_errors
+def on_caption(browser_id, image, checkpoint, max_new_tokens, beams):
+    if image is None:
+        raise UserInputError("Drop an image first (or click an example).")
+    return do_caption(browser_workspace(browser_id), image, checkpoint or "", max_new_tokens, beams)
+
+
+@user_errors
+def on_answer(browser_id, image, question, checkpoint, max_new_tokens, beams):
+    if image is None:
+        raise UserInputError("Drop an image first (or click an example).")
+    return do_answer(browser_workspace(browser_id), image, question, checkpoint or "", max_new_tokens, beams)
+
+
+def build_classify_tab():
+    with gr.Tab("Classify"):
+        checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", height=320)
+            labels = gr.Label(num_top_classes=5, label="Top 5", elem_id="classify-labels")
+        button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+        gr.Examples(EXAMPLES, inputs=image)
+    return checkpoint, image, labels, button
+
+
+def build_text_tab(name: str, task: str, with_question: bool):
+    with gr.Tab(name):
+        checkpoint = gr.Dropdown(label=f"Checkpoint (a {task} run of yours, or a Hub model id)", choices=[],
+                                 allow_custom_value=True, elem_id=f"{task}-checkpoint")
+        with gr.Row():
+            image = gr.Image(type="pil", label="Image", height=300)
+            with gr.Column():
+                question = gr.Textbox(label="Question", placeholder="what color is the shape?",
+                                      elem_id="vqa-question") if with_question else None
+                output = gr.Textbox(label="Answer" if with_question else "Caption", elem_id=f"{task}-output")
+                with gr.Row():
+                    max_new = gr.Slider(1, 60, value=10 if with_question else 30, step=1, label="Max new tokens")
+                    beams = gr.Slider(1, 5, value=1, step=1, label="Beams (1 = greedy)")
+                button = gr.Button("Ask" if with_question else "Caption", variant="primary", elem_id=f"{task}-button")
+        gr.Examples(SHAPE_EXAMPLES + [e for e in EXAMPLES if e not in SHAPE_EXAMPLES], inputs=image)
+    return checkpoint, image, question, output, max_new, beams, button
