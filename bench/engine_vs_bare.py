@@ -16,11 +16,14 @@ the batch taken by indexing the in-memory tensor, normalisation, forward, cross-
 label smoothing, backward, ``torch.optim.AdamW`` with the same parameter groups / lr / weight decay /
 fused flag, ``zero_grad(set_to_none=True)``; bf16 autocast where the engine uses it (on a GPU).
 
-The two alternate in one process (bare, engine, engine, bare, ...: ABBA cancels a drift in load) and
-the first ``--warmup`` steps of each run are dropped. Figures: per-step medians, the ratio of the
-medians (bare / engine; 1.0 = the engine costs nothing on top), the median of the per-pair ratios,
-and the ratio of window means (time from the first counted step to the last over their number,
-with a synchronize at both ends on a GPU, where host intervals alone can mislead).
+Step mode (the default on the CPU): during each engine run, one bare step runs right after every
+engine step (inside the same hook, outside the engine's intervals), so the two alternate step by
+step, A B A B ..., and see the same load on a shared machine; the ratio is the median over steps of
+bare step / engine step (1.0 = the engine costs nothing on top). The bare loop has its own model
+(same build) and optimizer. Runs mode (the default on a GPU, where a sync per step would change what
+is measured): whole runs in turn (bare, engine, engine, bare, ...), each timed over a window with a
+synchronize at both ends. The first ``--warmup`` steps of each run are dropped. Per-step process CPU
+time (all threads) is reported beside wall time.
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import emit, ingest_shapes, median, print_env  # noqa: E402
 
-MARKS: list[tuple[float, float]] = []  # (wall clock, this process's CPU time, all threads)
-SYNC_AT: set[int] = set()  # step indices whose timestamp waits for the GPU (window ends; none on a CPU)
+MARKS: list[tuple[float, float]] = []  # end of each engine step: (wall clock, process CPU time, all threads)
+RESUMES: list[tuple[float, float]] = []  # where the engine resumes after the bare step run in between
+BARE_STEPS: list[tuple[float, float]] = []  # (wall, CPU) of each bare step run in between
+SYNC_AT: set[int] = set()  # runs mode: engine steps whose timestamp waits for the GPU (window ends)
+INTERLEAVED: list = []  # step mode: the BareLoop whose steps run between the engine's
 
 
 def _cuda() -> bool:
@@ -52,17 +58,28 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 def patch_step_clock() -> None:
-    """Records a timestamp at the end of every engine step (the stop check is the step's last act)."""
+    """Timestamps the end of every engine step (the stop check is the step's last act) and, in step
+    mode, runs one bare step right there, outside the engine's intervals."""
     from mmdemo import training
 
     original = training._Loop._stop_requested
 
     def stop_requested(self):
         flag = original(self)
-        if len(MARKS) in SYNC_AT:
+        if INTERLEAVED or len(MARKS) in SYNC_AT:
             _sync()
-        MARKS.append((time.perf_counter(), time.process_time()))
+        MARKS.append(_clock())
+        if INTERLEAVED:
+            INTERLEAVED[0].step()
+            _sync()
+            after = _clock()
+            BARE_STEPS.append((after[0] - MARKS[-1][0], after[1] - MARKS[-1][1]))
+            RESUMES.append(after)
         return flag
 
     training._Loop._stop_requested = stop_requested
@@ -77,9 +94,56 @@ def make_cfg(args, data: str, out: Path):
                        mixed_precision=args.precision, seed=0)
 
 
+class BareLoop:
+    """A bare PyTorch training loop on the engine's own model build and decoded pixels (setup here,
+    outside any clock); ``step()`` is one step: index the in-memory batch, normalise, forward,
+    cross-entropy, backward, AdamW, zero_grad."""
+
+    def __init__(self, cfg):
+        import torch
+        from accelerate.utils import set_seed
+
+        from mmdemo.data import load_splits
+        from mmdemo.tasks import ClassificationTask
+        from mmdemo.training import _precision
+
+        set_seed(cfg.seed)
+        task = ClassificationTask(cfg, load_splits(cfg.data))  # same build, same decoded pixels
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = task.model.to(self.device)
+        self.pixels, self.labels = task.train_ds.pixels, task.train_ds.labels
+        self.mean, self.std = (t.to(self.device) for t in task._stats)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [g for g in ({"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}) if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=torch.cuda.is_available())
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg))
+        self.smoothing, self.batch_size = cfg.label_smoothing, cfg.batch_size
+        task.train_mode(self.model)
+        self.order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(0))
+        self.s = 0
+
+    def step(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        n = len(self.order) // self.batch_size
+        k = self.s % n
+        self.s += 1
+        idx = self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        x = self.pixels[idx].to(self.device, non_blocking=True)
+        y = self.labels[idx].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model((x.float().div_(255) - self.mean) / self.std).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.smoothing)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
 def intervals(args, marks: list[tuple[float, float]]) -> tuple[list[float], float, list[float]]:
     """Per-step wall intervals after the warm-up, the window mean between the two synchronised marks,
-    and per-step CPU time (on a shared machine, less disturbed by other jobs than wall time)."""
+    and per-step CPU time."""
     wall = [m[0] for m in marks]
     cpu = [m[1] for m in marks]
     steps = [b - a for a, b in zip(wall, wall[1:])][args.warmup:]
@@ -99,46 +163,87 @@ def run_engine(args, data: str, out: Path) -> tuple[list[float], float, list[flo
 
 
 def run_bare(args, data: str, out: Path) -> tuple[list[float], float, list[float]]:
-    """The bare loop: setup outside the clock, then N steps, a timestamp after each."""
-    import torch
-    import torch.nn.functional as F
-    from accelerate.utils import set_seed
-
-    from mmdemo.data import load_splits
-    from mmdemo.tasks import ClassificationTask
-    from mmdemo.training import _precision
-
-    cfg = make_cfg(args, data, out)
-    set_seed(cfg.seed)
-    task = ClassificationTask(cfg, load_splits(cfg.data))  # same build, same decoded pixels
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = task.model.to(device)
-    pixels, labels = task.train_ds.pixels, task.train_ds.labels
-    mean, std = (t.to(device) for t in task._stats)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=torch.cuda.is_available())
-    precision = _precision(cfg)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    task.train_mode(model)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    """Runs mode: N bare steps, a timestamp after each (synchronised at the window ends only)."""
+    bare = BareLoop(make_cfg(args, data, out))
     marks = []
-    for s in range(cfg.max_steps):
-        idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-        x = pixels[idx].to(device, non_blocking=True)
-        y = labels[idx].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model((x.float().div_(255) - mean) / std).float()
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if s in (args.warmup, cfg.max_steps - 1):
-            _sync()  # window ends only (a no-op on the CPU)
-        marks.append((time.perf_counter(), time.process_time()))
+    for s in range(args.steps):
+        bare.step()
+        if s in (args.warmup, args.steps - 1):
+            _sync()  # a no-op on the CPU
+        marks.append(_clock())
     return intervals(args, marks)
+
+
+def run_interleaved(args, data: str, out: Path) -> dict:
+    """Step mode: one engine run with a bare step after each of its steps -> per-step pairs."""
+    from mmdemo.training import train
+
+    for lst in (MARKS, RESUMES, BARE_STEPS, INTERLEAVED):
+        lst.clear()
+    SYNC_AT.clear()
+    cfg = make_cfg(args, data, out)
+    INTERLEAVED.append(BareLoop(cfg))
+    try:
+        train(cfg)
+    finally:
+        INTERLEAVED.clear()
+    shutil.rmtree(out, ignore_errors=True)
+    # Engine step k: from where it resumed after bare step k-1 to its own end mark.
+    engine = [(m[0] - r[0], m[1] - r[1]) for r, m in zip(RESUMES, MARKS[1:])]
+    bare = BARE_STEPS[1:]
+    skip = max(0, args.warmup - 1)
+    return {"engine": engine[skip:], "bare": bare[skip:len(engine)]}
+
+
+def measure_steps(args, data: str, work: Path, common: dict) -> None:
+    pairs = []  # (engine wall, engine CPU, bare wall, bare CPU) per step
+    for k in range(args.repeats):
+        r = run_interleaved(args, data, work / f"run{k}")
+        got = [(e[0], e[1], b[0], b[1]) for e, b in zip(r["engine"], r["bare"])]
+        pairs += got
+        emit("step_pairs_run", round(median([p[2] / p[0] for p in got]), 4), "bare/engine", run=k, steps=len(got),
+             engine_ms=round(median([p[0] for p in got]) * 1000, 2), bare_ms=round(median([p[2] for p in got]) * 1000, 2))
+    e_wall, e_cpu, b_wall, b_cpu = ([p[i] for p in pairs] for i in range(4))
+    emit("bare_step_median", round(median(b_wall) * 1000, 2), "ms", steps=len(pairs), cpu_ms=round(median(b_cpu) * 1000, 2),
+         **common)
+    emit("engine_step_median", round(median(e_wall) * 1000, 2), "ms", steps=len(pairs),
+         cpu_ms=round(median(e_cpu) * 1000, 2), **common)
+    emit("engine_vs_bare_ratio", round(median([p[2] / p[0] for p in pairs]), 4), "bare/engine", target=">= 0.95",
+         note="median over steps of (bare step / engine step), each engine step followed by a bare step",
+         **common)
+    emit("engine_vs_bare_ratio_of_medians", round(median(b_wall) / median(e_wall), 4), "bare/engine", **common)
+    emit("engine_vs_bare_ratio_cpu_time", round(median([p[3] / p[1] for p in pairs]), 4), "bare/engine",
+         note="median over steps of the per-step process CPU time ratio (all threads)", **common)
+    emit("engine_images_per_s", round(args.batch_size / median(e_wall), 2), "images/s", **common)
+
+
+def measure_runs(args, data: str, work: Path, common: dict) -> None:
+    engine, bare, pair_ratios = [], [], []
+    windows, cpu = {"bare": [], "engine": []}, {"bare": [], "engine": []}
+    order = ["bare", "engine", "engine", "bare"] * ((args.repeats + 1) // 2)
+    pending = {}
+    for k, which in enumerate(order[:2 * args.repeats]):
+        t, window, c = (run_bare if which == "bare" else run_engine)(args, data, work / f"run{k}")
+        (bare if which == "bare" else engine).extend(t)
+        windows[which].append(window)
+        cpu[which].extend(c)
+        pending[which] = median(t)
+        emit(f"{which}_step_run", round(median(t) * 1000, 2), "ms", run=k, steps=len(t),
+             window_mean_ms=round(window * 1000, 2), cpu_ms=round(median(c) * 1000, 2))
+        if len(pending) == 2:
+            pair_ratios.append(pending["bare"] / pending["engine"])
+            pending = {}
+    emit("bare_step_median", round(median(bare) * 1000, 2), "ms", steps=len(bare), **common)
+    emit("engine_step_median", round(median(engine) * 1000, 2), "ms", steps=len(engine), **common)
+    emit("engine_vs_bare_ratio_of_medians", round(median(bare) / median(engine), 4), "bare/engine",
+         pair_ratios=[round(r, 4) for r in pair_ratios], **common)
+    emit("engine_vs_bare_ratio", round(median(windows["bare"]) / median(windows["engine"]), 4), "bare/engine",
+         target=">= 0.95", note="median over runs of (window time / steps), synchronised at both ends on a GPU",
+         **common)
+    emit("engine_vs_bare_ratio_cpu_time", round(median(cpu["bare"]) / median(cpu["engine"]), 4), "bare/engine",
+         bare_cpu_ms=round(median(cpu["bare"]) * 1000, 2), engine_cpu_ms=round(median(cpu["engine"]) * 1000, 2),
+         note="per-step process CPU time (all threads), medians", **common)
+    emit("engine_images_per_s", round(args.batch_size / median(engine), 2), "images/s", **common)
 
 
 def main(argv=None) -> int:
@@ -151,7 +256,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=0, help="0: the model's own size")
     parser.add_argument("--steps", type=int, default=12, help="steps per run (one epoch)")
     parser.add_argument("--warmup", type=int, default=2, help="step intervals dropped at the start of each run")
-    parser.add_argument("--repeats", type=int, default=4, help="runs of each, interleaved ABBA")
+    parser.add_argument("--repeats", type=int, default=4, help="engine runs (runs mode: runs of each, ABBA)")
+    parser.add_argument("--mode", choices=("step", "runs"), default=None,
+                        help="step: a bare step after every engine step (default on the CPU); runs: whole runs "
+                             "in turn, timed between two synchronisations (default on a GPU, where a sync per "
+                             "step would change what is measured)")
     parser.add_argument("--log-every", type=int, default=1, help="engine's log_every (its default is 1)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
@@ -161,6 +270,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    args.mode = args.mode or ("runs" if torch.cuda.is_available() else "step")
     if args.threads:
         torch.set_num_threads(args.threads)
     print_env()
@@ -170,37 +280,14 @@ def main(argv=None) -> int:
         # Enough train rows for one epoch of --steps batches (80% of the rows go to train).
         per_class = -(-(args.steps + 1) * args.batch_size * 5 // 4 // 3)
         data = ingest_shapes(work, per_class)
-        engine, bare, pair_ratios, windows = [], [], [], {"bare": [], "engine": []}
-        cpu = {"bare": [], "engine": []}
-        order = ["bare", "engine", "engine", "bare"] * ((args.repeats + 1) // 2)
-        pending = {}
-        for k, which in enumerate(order[:2 * args.repeats]):
-            t, window, c = (run_bare if which == "bare" else run_engine)(args, data, work / f"run{k}")
-            (bare if which == "bare" else engine).extend(t)
-            windows[which].append(window)
-            cpu[which].extend(c)
-            pending[which] = median(t)
-            emit(f"{which}_step_run", round(median(t) * 1000, 2), "ms", run=k, steps=len(t),
-                 window_mean_ms=round(window * 1000, 2), cpu_ms=round(median(c) * 1000, 2))
-            if len(pending) == 2:
-                pair_ratios.append(pending["bare"] / pending["engine"])
-                pending = {}
         common = dict(model=args.model, method=args.method, batch_size=args.batch_size,
                       image_size=args.image_size or "model default", precision=args.precision,
                       log_every=args.log_every, device="cuda" if torch.cuda.is_available() else "cpu",
-                      threads=torch.get_num_threads())
-        emit("bare_step_median", round(median(bare) * 1000, 2), "ms", steps=len(bare), **common)
-        emit("engine_step_median", round(median(engine) * 1000, 2), "ms", steps=len(engine), **common)
-        emit("engine_vs_bare_ratio", round(median(bare) / median(engine), 4), "bare/engine",
-             target=">= 0.95", pair_ratios=[round(r, 4) for r in pair_ratios], **common)
-        emit("engine_vs_bare_ratio_pairs_median", round(median(pair_ratios), 4), "bare/engine", **common)
-        emit("engine_vs_bare_ratio_window_means", round(median(windows["bare"]) / median(windows["engine"]), 4),
-             "bare/engine", note="median over runs of (window time / steps), synchronised at both ends on a GPU",
-             **common)
-        emit("engine_vs_bare_ratio_cpu_time", round(median(cpu["bare"]) / median(cpu["engine"]), 4), "bare/engine",
-             bare_cpu_ms=round(median(cpu["bare"]) * 1000, 2), engine_cpu_ms=round(median(cpu["engine"]) * 1000, 2),
-             note="per-step process CPU time (all threads), medians", **common)
-        emit("engine_images_per_s", round(args.batch_size / median(engine), 2), "images/s", **common)
+                      threads=torch.get_num_threads(), mode=args.mode)
+        if args.mode == "step":
+            measure_steps(args, data, work, common)
+        else:
+            measure_runs(args, data, work, common)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

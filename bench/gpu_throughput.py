@@ -24,6 +24,7 @@ optimizer state, activations).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def gpu_part(args) -> None:
         for method in ("full", "lora"):
             for compiled in ([False, True] if args.compile else [False]):
                 b = args.batch_size
+                gc.collect()  # the previous variant's model, optimizer and compiled graph
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 step = make_step(build(model, method, False), method, dev, torch.bfloat16,

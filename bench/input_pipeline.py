@@ -86,7 +86,8 @@ def cpu_part(args, splits) -> dict:
     torch.set_num_threads(1)  # "per core": the in-process variant gets exactly one core's worth of threads
     label_map = list(range(len(splits["train"].features["label"].names)))
     rates = {}
-    import torchvision.transforms.v2  # noqa: F401  (its first import takes seconds: not part of the decode)
+    # ImageTensors imports torchvision's v2 transforms: that first import takes seconds, not part of the decode.
+    import torchvision.transforms.v2  # noqa: F401
 
     for size in args.sizes:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -190,7 +191,7 @@ def gpu_part(args, splits, rates) -> None:
              median_wait_ms=round(median(waits) * 1000, 3), max_wait_ms=round(max(waits) * 1000, 3),
              gpu_images_per_s=round(b / resident, 1),
              workers_needed=round(b / resident / max(1e-9, rates.get((224, "augment", 1), float("nan"))), 1))
-        del model, opt, it
+        model = opt = it = None  # free the GPU memory before the next model
         torch.cuda.empty_cache()
 
 

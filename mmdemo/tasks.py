@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserInputError
-from .images import ImageTensors, normalize
+from .images import ImageTensors, decode_unique, normalize
 
 
 class ClassificationTask:
@@ -134,7 +134,8 @@ class TextRows(torch.utils.data.Dataset):
     """Decoded pixels (once) plus the texts of each row; training picks one caption per visit."""
 
     def __init__(self, split, image_size: int, task: str, train: bool, seed: int, featurize=None):
-        self.pixels = ImageTensors(split, image_size, [0], train=False, labels=False).pixels
+        # VQA rows repeat their image (about ten questions each): decode and encode each image once.
+        self.pixels, self.image_of = decode_unique(split, image_size)
         # A frozen encoder's output never changes: compute it once and train on it.
         self.features = torch.cat([featurize(self.pixels[i:i + 64]) for i in range(0, len(self.pixels), 64)]) \
             if featurize is not None and len(self.pixels) else None
@@ -152,7 +153,8 @@ class TextRows(torch.utils.data.Dataset):
         refs = self.references[i]
         # Training sees every reference over the epochs; evaluation uses the most common one.
         text = self.rng.choice(refs) if self.train else max(set(refs), key=refs.count)
-        item = {"pixels": self.pixels[i], "row": i} if self.features is None else {"features": self.features[i], "row": i}
+        k = self.image_of[i]
+        item = {"pixels": self.pixels[k], "row": i} if self.features is None else {"features": self.features[k], "row": i}
         if self.task == "vqa":
             item.update(question=self.questions[i], answer=text)
         else:
@@ -199,15 +201,18 @@ class TextTask:
         inner = acc.unwrap_model(model)
         losses = [acc.gather_for_metrics(model(**batch).detach().reshape(1)).cpu() for batch in loader]
         preds = []
-        for chunk, start in enumerate(range(0, len(self.val_ds), 32)):
+        # Questions of one length generate together (no padding): ordering by length first means a few
+        # large batches instead of several small ones per chunk.
+        order = sorted(range(len(self.val_ds)), key=lambda i: len(self.val_ds.questions[i]) if self.task == "vqa" else 0)
+        for chunk, start in enumerate(range(0, len(order), 64)):
             if chunk % acc.num_processes != acc.process_index:
                 continue  # each process generates for its share of the chunks
-            idx = list(range(start, min(start + 32, len(self.val_ds))))
-            images = torch.stack([self.val_ds.pixels[i] for i in idx])
+            idx = order[start:start + 64]
+            images = self.val_ds.pixels[self.val_ds.image_of[idx]]
             questions = [self.val_ds.questions[i] for i in idx] if self.task == "vqa" else None
-            kw = {"features": self.val_ds.features[idx]} if self.val_ds.features is not None else {}
+            kw = {"features": self.val_ds.features[self.val_ds.image_of[idx]]} if self.val_ds.features is not None else {}
             preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens, **kw)))
-        preds = sorted(gather_object(preds)) if acc.num_processes > 1 else preds
+        preds = sorted(gather_object(preds) if acc.num_processes > 1 else preds)
         return torch.cat(losses).mean().item(), [p for _, p in preds]
 
     def evaluate(self, model, loader, acc) -> dict:

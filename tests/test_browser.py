@@ -22,7 +22,8 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            context = browser.new_context(viewport={"width": 1280, "height": 1000})
+            page = context.new_page()
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(app_url)
             # The page's load event gives this browser its id (gr.BrowserState in localStorage); every
@@ -78,6 +79,13 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
             expect(labels.locator("h2").first).to_have_text("circle")
             page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
             expect(page.get_by_test_id("toast-text")).to_have_count(0)
+
+            # A second tab of the same browser (same localStorage id) shows the same run, selected.
+            second = context.new_page()
+            second.goto(app_url)
+            second.get_by_role("tab", name="Train").click()
+            expect(second.locator("#run-choice input")).to_have_value(re.compile(f"^{run_prefix}"), timeout=30_000)
+            expect(second.locator("#train-status")).to_contain_text("completed · step 6 / 6", timeout=30_000)
         finally:
             browser.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -34,6 +34,14 @@ def on_refresh_choices(browser_id):
             gr.update(choices=done["captioning"]), gr.update(choices=done["vqa"]))
 
 
+@user_errors
+def on_restore_run(browser_id):
+    """After a reload (or in a second tab) the newest run is selected again, so a live run keeps
+    showing its progress: the run directory, not the page, holds the state."""
+    runs = run_choices(browser_workspace(browser_id)) if browser_id else []
+    return gr.update(value=runs[0][1]) if runs else gr.skip()
+
+
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="mmdemo: fine-tune vision models") as demo:
         gr.Markdown("# mmdemo\nUpload labelled images, fine-tune a model, and try it, all in the browser.")
@@ -50,7 +58,7 @@ def build_demo() -> gr.Blocks:
 
         demo.load(on_load_browser, browser_id, browser_id, **private).then(
             lambda: [gr.update(interactive=True)] * 3, None, [load, sample, start], **private).then(
-            on_refresh_choices, browser_id, choices, **private)
+            on_refresh_choices, browser_id, choices, **private).then(on_restore_run, browser_id, run, **private)
         load.click(on_load_dataset, [browser_id, file, hub_id, task], [summary, counts, gallery, dataset], **private)
         sample.click(on_sample, [browser_id, task], [summary, counts, gallery, dataset], **private)
         dataset.change(on_pick_dataset, [browser_id, dataset], [settings[1], settings[2], gpu_notice], **private)

@@ -1,0 +1,48 @@
+"""The Caption and Ask (VQA) endpoints through gradio_client against the launched app."""
+
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CIRCLE = handle_file(str(ASSETS / "examples/circle.png"))
+
+
+def trained_run(client: Client, task: str, sample: str) -> str:
+    """A few steps of the task's default model on its sample: enough to serve, not to be right."""
+    summary = client.predict(handle_file(str(ASSETS / sample)), task=task, api_name="/load_dataset")
+    assert summary["task"] == task and summary["num_train"] > 0 and summary["num_val"] > 0
+    run_id = client.predict(summary["dataset_id"], max_steps=2, api_name="/start_training")["run_id"]
+    deadline = time.time() + 1200
+    while (status := client.predict(run_id, api_name="/training_status"))["status"] in ("queued", "running"):
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status["status"] == "completed", status
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def test_caption_and_answer_endpoints_serve_their_runs(client):
+    caption_run = trained_run(client, "captioning", "sample_captions.zip")
+    runs = {r["run_id"]: r for r in client.predict(api_name="/list_runs")}
+    assert runs[caption_run]["task"] == "captioning" and runs[caption_run]["base_model"] == "efficientnet_lite0+minilm"
+    text = client.predict(CIRCLE, checkpoint=caption_run, max_new_tokens=5, num_beams=2, api_name="/caption")
+    assert isinstance(text, str) and 0 < len(text.split()) <= 5
+    with pytest.raises(Exception, match="trained for captioning, not vqa"):
+        client.predict(CIRCLE, "what color is the shape?", checkpoint=caption_run, api_name="/answer")
+    with pytest.raises(Exception, match="No captioning model yet"):
+        client.predict(CIRCLE, checkpoint="", api_name="/caption")
+
+    vqa_run = trained_run(client, "vqa", "sample_vqa.zip")
+    reply = client.predict(CIRCLE, "what color is the shape?", checkpoint=vqa_run, api_name="/answer")
+    assert isinstance(reply, str) and reply.strip()
+    with pytest.raises(Exception, match="Type a question"):
+        client.predict(CIRCLE, "  ", checkpoint=vqa_run, api_name="/answer")
+    with pytest.raises(Exception, match="trained for vqa, not classification"):
+        client.predict(CIRCLE, checkpoint=vqa_run, api_name="/classify")
