@@ -202,7 +202,9 @@ def measure_steps(args, data: str, work: Path, common: dict) -> None:
         got = [(e[0], e[1], b[0], b[1]) for e, b in zip(r["engine"], r["bare"])]
         pairs += got
         emit("step_pairs_run", round(median([p[2] / p[0] for p in got]), 4), "bare/engine", run=k, steps=len(got),
-             engine_ms=round(median([p[0] for p in got]) * 1000, 2), bare_ms=round(median([p[2] for p in got]) * 1000, 2))
+             engine_ms=round(median([p[0] for p in got]) * 1000, 2), bare_ms=round(median([p[2] for p in got]) * 1000, 2),
+             engine_steps_ms=[round(p[0] * 1000, 1) for p in got], bare_steps_ms=[round(p[2] * 1000, 1) for p in got],
+             engine_cpu_ms=[round(p[1] * 1000, 1) for p in got], bare_cpu_ms=[round(p[3] * 1000, 1) for p in got])
     e_wall, e_cpu, b_wall, b_cpu = ([p[i] for p in pairs] for i in range(4))
     emit("bare_step_median", round(median(b_wall) * 1000, 2), "ms", steps=len(pairs), cpu_ms=round(median(b_cpu) * 1000, 2),
          **common)
