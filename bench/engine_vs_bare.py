@@ -14,7 +14,9 @@ the metrics line and the stop check; setup (decode, model build, accelerate) and
 Bare loop: the same ``ClassificationTask`` (so the same model build, method and decoded uint8 pixels),
 the batch taken by indexing the in-memory tensor, normalisation, forward, cross-entropy with the same
 label smoothing, backward, ``torch.optim.AdamW`` with the same parameter groups / lr / weight decay /
-fused flag, ``zero_grad(set_to_none=True)``; bf16 autocast where the engine uses it (on a GPU).
+fused flag, ``zero_grad(set_to_none=True)``; bf16 autocast where the engine uses it (on a GPU). With
+``--bare-format plain`` (default) it feeds NCHW tensors as a plain loop does; with ``engine`` it also
+uses the engine's channels-last input for CNNs, so the ratio isolates the engine's own overhead.
 
 Step mode (the default on the CPU): during each engine run, one bare step runs right after every
 engine step (inside the same hook, outside the engine's intervals), so the two alternate step by
@@ -99,7 +101,7 @@ class BareLoop:
     outside any clock); ``step()`` is one step: index the in-memory batch, normalise, forward,
     cross-entropy, backward, AdamW, zero_grad."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, bare_format: str = "plain"):
         import torch
         from accelerate.utils import set_seed
 
@@ -120,6 +122,9 @@ class BareLoop:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg))
         self.smoothing, self.batch_size = cfg.label_smoothing, cfg.batch_size
         task.train_mode(self.model)
+        # "plain": the loop as anyone writes it (NCHW); "engine": the engine's input memory format too.
+        self.fmt = torch.channels_last if bare_format == "engine" and getattr(task, "channels_last", False) \
+            else torch.contiguous_format
         self.order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(0))
         self.s = 0
 
@@ -134,7 +139,8 @@ class BareLoop:
         x = self.pixels[idx].to(self.device, non_blocking=True)
         y = self.labels[idx].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.model((x.float().div_(255) - self.mean) / self.std).float()
+            x = ((x.float().div_(255) - self.mean) / self.std).contiguous(memory_format=self.fmt)
+            logits = self.model(x).float()
         loss = F.cross_entropy(logits, y, label_smoothing=self.smoothing)
         loss.backward()
         self.opt.step()
@@ -164,7 +170,7 @@ def run_engine(args, data: str, out: Path) -> tuple[list[float], float, list[flo
 
 def run_bare(args, data: str, out: Path) -> tuple[list[float], float, list[float]]:
     """Runs mode: N bare steps, a timestamp after each (synchronised at the window ends only)."""
-    bare = BareLoop(make_cfg(args, data, out))
+    bare = BareLoop(make_cfg(args, data, out), args.bare_format)
     marks = []
     for s in range(args.steps):
         bare.step()
@@ -182,7 +188,7 @@ def run_interleaved(args, data: str, out: Path) -> dict:
         lst.clear()
     SYNC_AT.clear()
     cfg = make_cfg(args, data, out)
-    INTERLEAVED.append(BareLoop(cfg))
+    INTERLEAVED.append(BareLoop(cfg, args.bare_format))
     try:
         train(cfg)
     finally:
@@ -266,6 +272,10 @@ def main(argv=None) -> int:
     parser.add_argument("--log-every", type=int, default=1, help="engine's log_every (its default is 1)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    parser.add_argument("--bare-format", choices=("plain", "engine"), default="plain",
+                        help="plain: the bare loop feeds NCHW as a plain loop does; engine: it uses the "
+                             "engine's input memory format too (channels-last for CNNs), isolating the "
+                             "engine's own overhead")
     args = parser.parse_args(argv)
     if args.pretrained is None:
         args.pretrained = args.model == "efficientnet_lite0"
@@ -285,7 +295,7 @@ def main(argv=None) -> int:
         common = dict(model=args.model, method=args.method, batch_size=args.batch_size,
                       image_size=args.image_size or "model default", precision=args.precision,
                       log_every=args.log_every, device="cuda" if torch.cuda.is_available() else "cpu",
-                      threads=torch.get_num_threads(), mode=args.mode)
+                      threads=torch.get_num_threads(), mode=args.mode, bare_format=args.bare_format)
         if args.mode == "step":
             measure_steps(args, data, work, common)
         else:

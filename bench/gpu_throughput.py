@@ -14,7 +14,8 @@ achieved FLOP/s / the GPU's dense bf16 peak. FLOPs per trained image are counted
 computes no weight gradients for the frozen layers, is charged what it does; the nominal 3 x forward
 figure (ViT-B/16: 3 x 35.2 = 105.6 GFLOP) is printed beside it.
 
-CPU part (4 on the CPU): the default model (efficientnet_lite0, 160 px, batch 16) full vs LoRA, each
+CPU part (4 on the CPU): the default model (efficientnet_lite0, 160 px, batch 16, channels-last input
+as the engine feeds it) full vs LoRA, each
 variant in a fresh subprocess (A, B, B, A, ...): step-time median and the peak resident memory
 (VmHWM from /proc/self/status, reset with /proc/self/clear_refs once the model is built), both as
 it is and less the resident memory of the built model (what training itself adds: gradients,
@@ -50,15 +51,18 @@ def build(name: str, method: str, pretrained: bool):
     return clf
 
 
-def make_step(clf, method: str, device, dtype, channels_last: bool, compile_: bool):
-    """One training step on uint8 pixels, the engine's way: normalise on the device, autocast, AdamW."""
+def make_step(clf, method: str, device, dtype, channels_last: str, compile_: bool):
+    """One training step on uint8 pixels, the engine's way: normalise on the device, autocast, AdamW.
+
+    channels_last: "none"; "input" (the engine's way: ClassificationTask converts a CNN's input only);
+    "all" (weights too, the usual GPU recipe)."""
     import torch
     import torch.nn.functional as F
 
     from mmdemo.images import normalize
 
     clf = clf.to(device)
-    if channels_last:
+    if channels_last == "all":
         clf = clf.to(memory_format=torch.channels_last)
     clf.train(method not in ("head", "lora"))  # as ClassificationTask.train_mode
     params = [p for p in clf.parameters() if p.requires_grad]
@@ -67,7 +71,7 @@ def make_step(clf, method: str, device, dtype, channels_last: bool, compile_: bo
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     forward = torch.compile(clf) if compile_ else clf
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last != "none" else torch.contiguous_format
 
     def step(x, y):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -120,7 +124,7 @@ def gpu_part(args) -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 step = make_step(build(model, method, False), method, dev, torch.bfloat16,
-                                 channels_last=model.startswith("resnet"), compile_=compiled)
+                                 channels_last="all" if model.startswith("resnet") else "none", compile_=compiled)
                 x = torch.randint(0, 256, (b, 3, 224, 224), dtype=torch.uint8, device=dev)
                 y = torch.randint(0, len(LABELS), (b,), device=dev)
                 t0 = time.perf_counter()
@@ -174,7 +178,7 @@ def child(args) -> None:
 
     torch.manual_seed(0)
     step = make_step(build(args.cpu_model, args.child, args.cpu_model == "efficientnet_lite0"), args.child,
-                     torch.device("cpu"), None, channels_last=False, compile_=False)
+                     torch.device("cpu"), None, channels_last="input", compile_=False)
     size, b = args.cpu_image_size, args.cpu_batch
     x = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
     y = torch.randint(0, len(LABELS), (b,))
