@@ -17,33 +17,15 @@ calls it as many times with no training running, for comparison.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT, emit, median, percentile, print_env  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serves(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+from mmdemo.appserver import AppProcess  # noqa: E402
 
 
 def torch_mapped(pid: int) -> bool:
@@ -53,57 +35,10 @@ def torch_mapped(pid: int) -> bool:
         return False
 
 
-def start_app(data_dir: Path, timeout: float = 180.0):
-    """-> (process, url, seconds from spawn to the first 200 on /, torch mapped at that moment)."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "MMDEMO_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    url = f"http://127.0.0.1:{port}"
-    log = open(data_dir / "app.log", "wb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    while not serves(url + "/"):
-        if proc.poll() is not None or time.perf_counter() - t0 > timeout:
-            stop_app(proc)
-            raise RuntimeError(f"app.py did not serve: {(data_dir / 'app.log').read_text(errors='replace')[-3000:]}")
-        time.sleep(0.02)
-    return proc, url, time.perf_counter() - t0, torch_mapped(proc.pid)
-
-
-def stop_app(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def stop_children(data_dir: Path) -> None:
-    """Training children outlive the app (their own session): ask each to stop, then end it by its pid."""
-    import json
-
-    for status_file in data_dir.glob("users/*/runs/*/status.json"):
-        try:
-            status = json.loads(status_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if status.get("status") in ("queued", "running") and status.get("pid"):
-            (status_file.parent / "STOP").touch()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(int(status["pid"]), 0)
-                except OSError:
-                    break
-                time.sleep(0.2)
-            else:
-                try:
-                    os.kill(int(status["pid"]), signal.SIGKILL)
-                except OSError:
-                    pass
+def start_app(data_dir: Path) -> tuple[AppProcess, bool]:
+    """-> (the app, serving /, and whether torch was mapped into its process at that moment)."""
+    app = AppProcess(data_dir, timeout=180, ready_path="/", poll=0.02)
+    return app, torch_mapped(app.proc.pid)
 
 
 def time_status(client, run_id: str, calls: int, gap: float) -> tuple[list[float], list[str]]:
@@ -128,8 +63,9 @@ def main(argv=None) -> int:
     startups = []
     for k in range(args.starts):
         with tempfile.TemporaryDirectory(prefix="mmdemo-app-") as d:
-            proc, _, seconds, torch_in = start_app(Path(d))
-            stop_app(proc)
+            app, torch_in = start_app(Path(d))
+            app.stop()
+            seconds = app.startup_seconds
         startups.append(seconds)
         emit("app_start_run", round(seconds, 2), "s", start=k, torch_loaded_at_first_page=torch_in)
     emit("app_startup_to_first_page", round(median(startups), 2), "s", starts=[round(s, 2) for s in startups],
@@ -138,10 +74,9 @@ def main(argv=None) -> int:
     from gradio_client import Client, handle_file
 
     with tempfile.TemporaryDirectory(prefix="mmdemo-app-") as d:
-        data_dir = Path(d)
-        proc, url, _, _ = start_app(data_dir)
-        try:
-            client = Client(url, verbose=False)
+        app, _ = start_app(Path(d))
+        with app:
+            client = Client(app.url, verbose=False)
             dataset = client.predict(file=handle_file(str(ROOT / "assets" / "sample_shapes.zip")),
                                      task="classification", api_name="/load_dataset")
             run_id = client.predict(dataset_id=dataset["dataset_id"], epochs=3,
@@ -166,9 +101,6 @@ def main(argv=None) -> int:
             emit("training_status_latency_p50_idle", round(percentile(idle, 50) * 1000, 1), "ms", calls=len(idle),
                  status=states[-1])
             emit("training_status_latency_p95_idle", round(percentile(idle, 95) * 1000, 1), "ms", calls=len(idle))
-        finally:
-            stop_app(proc)
-            stop_children(data_dir)
     return 0
 
 

@@ -15,74 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT as REPO  # noqa: E402  (also puts the repository on sys.path)
+
+from mmdemo.appserver import AppProcess  # noqa: E402
+
 SAMPLE = REPO / "assets" / "sample_shapes.zip"
 IMAGE = REPO / "assets" / "examples" / "cat.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_app(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "MMDEMO_DATA_DIR": str(data_dir), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/config", timeout=2).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"app.py did not start; log:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-
-
-def stop_everything(proc: subprocess.Popen, data_dir: Path) -> None:
-    """Stops the app, then any training child (they run in their own session and outlive it)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    pids = []
-    for status_file in data_dir.glob("users/*/runs/*/status.json"):
-        status = json.loads(status_file.read_text())
-        if status.get("status") in ("queued", "running") and status.get("pid"):
-            (status_file.parent / "STOP").touch()
-            pids.append(int(status["pid"]))
-    deadline = time.monotonic() + 10
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if alive(pid)]
-        time.sleep(0.2)
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 def summary(name: str, latencies: list[float], errors: list[str]) -> dict:
@@ -102,8 +48,8 @@ def run(args) -> int:
     start = time.monotonic()
     deadline = start + args.timeout
     work = Path(tempfile.mkdtemp(prefix="mmdemo-load-"))
-    proc, url = launch_app(work / "data", work / "app.log")
-    try:
+    with AppProcess(work / "data", work / "app.log", timeout=120) as app:
+        url = app.url
         owner = Client(url, verbose=False)
         dataset = owner.predict(file=handle_file(str(SAMPLE)), task="classification", api_name="/load_dataset")
         run_id = owner.predict(dataset_id=dataset["dataset_id"], epochs=args.epochs,
@@ -182,8 +128,6 @@ def run(args) -> int:
         for row in rows:
             print(json.dumps(row), flush=True)
         return 1 if errors else 0
-    finally:
-        stop_everything(proc, work / "data")
 
 
 def main() -> int:

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     datasets.disable_progress_bars()  # one JSON line per figure, no progress noise in the log
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     deviations = {}
 
     print(json.dumps({"info": "start", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

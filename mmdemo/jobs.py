@@ -125,7 +125,7 @@ def read_status_file(run_dir: Path) -> dict:
         return {}
 
 
-def _pid_alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
     except (OSError, TypeError, ValueError):
@@ -153,7 +153,7 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
     status = read_status_file(run_dir)
     state = status.get("status", "queued")
     live = manager is not None and manager.is_alive(run_dir)
-    if state == "running" and not live and not _pid_alive(status.get("pid")):
+    if state == "running" and not live and not pid_alive(status.get("pid")):
         # The app restarted (or the child died unseen): the directory says running, nothing runs.
         state = "failed"
         status["message"] = "Interrupted: the app restarted while this run was training. Press Resume to continue."

@@ -10,13 +10,7 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 import warnings
 import zipfile
@@ -27,10 +21,10 @@ from typing import Callable, NamedTuple
 import pytest
 from PIL import Image
 
+from mmdemo.appserver import AppProcess
 from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.errors import UserInputError
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- builders ---------------------------------------------------------------------------------
@@ -343,40 +337,13 @@ def test_limits_are_read_from_the_environment(tmp_path, monkeypatch):
 MAX_UPLOAD = "200kb"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def small_app(tmp_path_factory):
     """The app with MMDEMO_MAX_UPLOAD=200kb and a data directory of its own."""
     data_dir = tmp_path_factory.mktemp("hostile-data")
     log = tmp_path_factory.mktemp("hostile-app") / "app.log"
-    port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "MMDEMO_DATA_DIR": str(data_dir), "MMDEMO_MAX_UPLOAD": MAX_UPLOAD, "GRADIO_ANALYTICS_ENABLED": "False"}
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/config", timeout=2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-        yield url, data_dir
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with AppProcess(data_dir, log, env={"MMDEMO_MAX_UPLOAD": MAX_UPLOAD}) as app:
+        yield app.url, data_dir
 
 
 def test_upload_over_the_size_limit_names_the_limit(small_app, tmp_path):
