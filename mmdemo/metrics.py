@@ -160,8 +160,10 @@ def normalize_answer(text: str) -> str:
 def _vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """Official VQA accuracy of one normalised prediction against normalised human answers."""
     if len(answers) < 10:
-        # Too few humans for the leave-one-out average (with one answer it would always be 0).
-        return min(answers.count(prediction) / 3, 1.0)
+        # Too few humans for the leave-one-out average (with one answer it would always be 0). The 3
+        # means "enough humans agree"; a dataset with 1 or 2 answers per question cannot have 3, so
+        # there agreeing with all of them is full credit (one answer: VQA accuracy = exact match).
+        return min(answers.count(prediction) / min(3, len(answers)), 1.0)
     # Official: average min(#matches among the other answers / 3, 1) over leaving each answer out.
     return sum(min((answers[:i] + answers[i + 1:]).count(prediction) / 3, 1.0)
                for i in range(len(answers))) / len(answers)
@@ -182,7 +184,9 @@ def vqa_metrics(predictions: list[str], answers: list[list[str]]) -> dict:
         A dict of floats in [0, 1] (the official script reports 100x these):
         ``vqa_accuracy``: mean over questions of min(#humans who gave the prediction / 3, 1); with
         10 or more answers, averaged over the subsets that leave one human answer out, as the
-        official evaluation does (e.g. 2 of 10 humans agreeing -> 0.6, not 2/3).
+        official evaluation does (e.g. 2 of 10 humans agreeing -> 0.6, not 2/3). With fewer than 3
+        answers the 3 becomes their number: a question with a single answer (most user datasets)
+        scores 1 for a match, where the literal formula would cap every model at 1/3.
         ``exact_match``: fraction of questions whose prediction equals the most common human
         answer (ties go to the answer listed first).
 

@@ -183,10 +183,17 @@ def test_vqa_accuracy_reference_points():
 
 
 def test_vqa_accuracy_with_fewer_than_10_answers_is_min_matches_over_3():
-    assert vqa_metrics(["yes"], [["Yes"]])["vqa_accuracy"] == pytest.approx(1 / 3)
     assert vqa_metrics(["yes"], [["yes", "yes", "no"]])["vqa_accuracy"] == pytest.approx(2 / 3)
     assert vqa_metrics(["yes"], [["yes", "yes", "yes", "no"]])["vqa_accuracy"] == 1.0
     assert vqa_metrics(["maybe"], [["yes", "no"]])["vqa_accuracy"] == 0.0
+
+
+def test_vqa_accuracy_with_one_or_two_answers_gives_full_credit_for_agreeing_with_all():
+    # Single-answer datasets (easy-VQA, most user uploads): VQA accuracy equals exact match, not 1/3.
+    single = vqa_metrics(["yes", "2", "red"], [["Yes"], ["two"], ["blue"]])
+    assert single["vqa_accuracy"] == pytest.approx(2 / 3) == pytest.approx(single["exact_match"])
+    assert vqa_metrics(["yes"], [["yes", "yes"]])["vqa_accuracy"] == 1.0
+    assert vqa_metrics(["yes"], [["yes", "no"]])["vqa_accuracy"] == 0.5
 
 
 def test_vqa_exact_match_uses_most_common_normalised_answer():
