@@ -70,7 +70,7 @@ class TrainConfig:
     lora_alpha: int = 16
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "auto"
-    num_workers: int = 0
+    num_workers: int = -1  # -1: automatic (see training.loader_workers)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -99,10 +99,12 @@ class TrainConfig:
             p.append(f"method must be one of {', '.join(methods)} for {self.task} (got {self.method!r})")
         if not str(self.data):
             p.append("data must name an ingested dataset directory")
-        for name in ("epochs", "max_steps", "batch_size", "image_size", "early_stopping_patience", "seed",
-                     "num_workers"):
+        for name in ("epochs", "max_steps", "batch_size", "image_size", "early_stopping_patience", "seed"):
             if int(getattr(self, name)) < 0:
                 p.append(f"{name} must be 0 (default) or more (got {getattr(self, name)})")
+        if self.num_workers < -1:
+            p.append(f"num_workers must be -1 (automatic), 0 (load in the training process) or more "
+                     f"(got {self.num_workers})")
         if self.learning_rate < 0:
             p.append(f"learning_rate must be > 0 (got {self.learning_rate})")
         if self.image_size and not 32 <= self.image_size <= 1024:
