@@ -13,16 +13,18 @@ well it was trained, except through how many tokens it generates, which is print
 The first call (model load + first forward) is reported apart as "cold"; p50 / p95 are over
 ``--calls`` warm calls on the example images in turn.
 
-Batched classify throughput: the same predictor and preprocessing over batches of 1, 8 and 32
-images (images/s, preprocessing included and also reported alone).
+Batched classify throughput: ``mmdemo.inference.classify_batch`` over batches of 1, 8 and 32 images
+(images/s, preprocessing included and also reported alone), with the engine's channels-last input
+and, interleaved, with contiguous NCHW input.
 
-GPU (only with CUDA): ``mmdemo.inference`` keeps its models on the CPU; the GPU lines move the
-cached predictor to the GPU (bf16 autocast for classify) and time the same calls.
+GPU (only with CUDA): the CPU figures come first (MMDEMO_INFERENCE_DEVICE=cpu); then the same calls
+where the engine puts its models by itself, the GPU (fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -89,8 +91,8 @@ def train_text_model(task: str, zip_name: str, work: Path, steps: int, val_rows:
 def classify_part(args, imgs) -> None:
     import torch
 
-    from mmdemo.images import normalize, resize_center_crop
-    from mmdemo.inference import classify, load_predictor
+    from mmdemo.images import resize_center_crop
+    from mmdemo.inference import classify, classify_batch, load_predictor
 
     t0 = time.perf_counter()
     classify(imgs[0])
@@ -111,28 +113,29 @@ def classify_part(args, imgs) -> None:
         emit_latency("classify" if t == threads else "classify_1thread", times[t], device="cpu",
                      model="efficientnet_lite0 ImageNet, 224 px", threads=t)
 
+    # Batched: the engine's own batched entry point (preprocessing included), channels-last input
+    # (what the engine does for a CNN) against contiguous NCHW, interleaved batch by batch.
     clf = load_predictor(None, "classification")
-    pre = clf.preprocess
-    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-
-    def prep(batch):
-        return torch.stack([resize_center_crop(im, pre.image_size, pre.crop_pct) for im in batch])
-
     for b in (1, 8, 32):
         batch = [imgs[k % len(imgs)] for k in range(b)]
-        with torch.no_grad():
-            clf(normalize(prep(batch), mean, std))  # warm-up at this shape
-            total, prep_only = [], []
-            for _ in range(args.batch_repeats):
+        total = {True: [], False: []}
+        for _ in range(args.batch_repeats + 1):  # the first round is a warm-up at this shape
+            for fmt in (True, False):
+                clf.channels_last_input = fmt
                 t0 = time.perf_counter()
-                x = prep(batch)
-                t1 = time.perf_counter()
-                clf(normalize(x, mean, std)).softmax(-1).topk(5)
-                t2 = time.perf_counter()
-                total.append(t2 - t0)
-                prep_only.append(t1 - t0)
-        emit("classify_batched_images_per_s", round(b / median(total), 1), "images/s", batch_size=b, device="cpu",
-             preprocess_images_per_s=round(b / median(prep_only), 1), repeats=args.batch_repeats)
+                classify_batch(batch)
+                total[fmt].append(time.perf_counter() - t0)
+        clf.channels_last_input = True
+        prep = []
+        for _ in range(args.batch_repeats):
+            t0 = time.perf_counter()
+            [resize_center_crop(im, clf.preprocess.image_size, clf.preprocess.crop_pct) for im in batch]
+            prep.append(time.perf_counter() - t0)
+        fast, plain = median(total[True][1:]), median(total[False][1:])
+        emit("classify_batched_images_per_s", round(b / fast, 1), "images/s", batch_size=b, device="cpu",
+             memory_format="channels_last (the engine's)", contiguous_nchw_images_per_s=round(b / plain, 1),
+             speedup=round(plain / fast, 2), preprocess_images_per_s=round(b / median(prep), 1),
+             repeats=args.batch_repeats)
 
 
 def text_part(args, imgs, work: Path) -> dict:
@@ -168,45 +171,31 @@ def gpu_part(args, imgs, runs: dict) -> None:
             skipped(f"{name}_latency_p50_gpu", "no CUDA device on this machine")
         skipped("classify_batched_images_per_s_gpu", "no CUDA device on this machine")
         return
-    from mmdemo.images import normalize, resize_center_crop
-    from mmdemo.inference import answer, caption, load_predictor
+    from mmdemo.inference import answer, caption, classify, classify_batch
 
-    dev = torch.device("cuda")
-    clf = load_predictor(None, "classification").to(dev)
-    pre = clf.preprocess
-    mean = torch.tensor(pre.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=dev).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def classify_gpu(batch):
-        x = torch.stack([resize_center_crop(im, pre.image_size, pre.crop_pct) for im in batch])
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            probs = clf(normalize(x.to(dev, non_blocking=True), mean, std)).float().softmax(-1)
-        return probs.topk(5).indices.cpu()
-
+    os.environ.pop("MMDEMO_INFERENCE_DEVICE", None)  # the engine now moves its models to the GPU itself
+    name = torch.cuda.get_device_name(0)
     for _ in range(3):
-        classify_gpu(imgs[:1])
-    times, _ = latencies(lambda im: classify_gpu([im]), imgs, args.calls)
-    emit_latency("classify_gpu", times, device=torch.cuda.get_device_name(0), precision="bf16")
+        classify(imgs[0])
+    times, _ = latencies(classify, imgs, args.calls)
+    emit_latency("classify_gpu", times, device=name, precision="fp32")
     for b in (1, 32, 256):
         batch = [imgs[k % len(imgs)] for k in range(b)]
-        classify_gpu(batch)
+        classify_batch(batch)
         ts = []
         for _ in range(args.batch_repeats):
             t0 = time.perf_counter()
-            classify_gpu(batch)
+            classify_batch(batch)
             ts.append(time.perf_counter() - t0)
-        emit("classify_batched_images_per_s_gpu", round(b / median(ts), 1), "images/s", batch_size=b,
-             device=torch.cuda.get_device_name(0), note="CPU preprocessing included")
-    for task, name in (("captioning", "caption"), ("vqa", "answer")):
-        load_predictor(runs[task], task).to(dev)  # the cached model, moved in place
-
-        def fn(im, task=task, name=name):
-            return caption(im, runs[task]) if name == "caption" else answer(im, QUESTION, runs[task])
+        emit("classify_batched_images_per_s_gpu", round(b / median(ts), 1), "images/s", batch_size=b, device=name,
+             note="CPU preprocessing included")
+    for task, label in (("captioning", "caption"), ("vqa", "answer")):
+        def fn(im, task=task, label=label):
+            return caption(im, runs[task]) if label == "caption" else answer(im, QUESTION, runs[task])
 
         fn(imgs[0])
         times, _ = latencies(fn, imgs, args.calls)
-        emit_latency(f"{name}_gpu", times, device=torch.cuda.get_device_name(0), precision="fp32")
+        emit_latency(f"{label}_gpu", times, device=name, precision="fp32")
 
 
 def main(argv=None) -> int:
@@ -220,6 +209,7 @@ def main(argv=None) -> int:
     import datasets
 
     datasets.disable_progress_bars()
+    os.environ["MMDEMO_INFERENCE_DEVICE"] = "cpu"  # CPU figures first, even where there is a GPU
     print_env()
     imgs = images()
     work = Path(tempfile.mkdtemp(prefix="mmdemo-infer-"))

@@ -33,6 +33,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images; one JSON line per image")
     p.add_argument("--checkpoint", default="", help="a run directory or model folder ('' = ImageNet default)")
@@ -41,6 +48,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default 8)")
     p.add_argument("images", nargs="+")
 
 
@@ -137,25 +145,42 @@ def _failure_message(e: Exception) -> str:
 
 
 def _run_predict(args) -> int:
+    """One JSON line per image, in the order given; images go through the model --batch-size at a
+    time. An image that cannot be read gets an "error" line; the exit code is 1 if any line is one."""
     from PIL import Image
 
-    from .inference import answer, caption, classify
+    from .inference import classify_batch, generate_batch
 
-    for path in args.images:
-        try:
-            with Image.open(path) as img:
-                if args.task == "captioning":
-                    record = {"caption": caption(img, args.checkpoint or None, args.max_new_tokens, args.num_beams)}
-                elif args.task == "vqa":
-                    record = {"question": args.question,
-                              "answer": answer(img, args.question, args.checkpoint or None, args.max_new_tokens,
-                                               args.num_beams)}
-                else:
-                    record = {"labels": classify(img, args.checkpoint or None, args.top_k)}
-            print(json.dumps({"image": path, **record}))
-        except (OSError, UserInputError) as e:
-            print(json.dumps({"image": path, "error": str(e)}))
-    return 0
+    checkpoint = args.checkpoint or None
+
+    def predict(images: list) -> list[dict]:
+        if args.task == "classification":
+            return [{"labels": labels} for labels in classify_batch(images, checkpoint, args.top_k)]
+        questions = None if args.task == "captioning" else [args.question] * len(images)
+        texts = generate_batch(images, questions, checkpoint, args.max_new_tokens, args.num_beams)
+        key = "caption" if questions is None else "answer"
+        return [{key: text} if questions is None else {"question": args.question, key: text} for text in texts]
+
+    failed = False
+    paths = list(args.images)
+    for start in range(0, len(paths), args.batch_size):
+        records, images = {}, {}
+        for path in paths[start:start + args.batch_size]:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    images[path] = img.copy()
+            except OSError as e:
+                records[path] = {"error": f"cannot read {path}: {e}"}
+        if images:
+            try:
+                records.update(zip(images, predict(list(images.values()))))
+            except UserInputError as e:
+                records.update((path, {"error": str(e)}) for path in images)
+        for path in paths[start:start + args.batch_size]:
+            failed |= "error" in records[path]
+            print(json.dumps({"image": path, **records[path]}), flush=True)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

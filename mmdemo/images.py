@@ -23,9 +23,18 @@ def resize_center_crop(image: Image.Image, size: int, crop_pct: float = 1.0) -> 
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW on the device -> float, normalised; done there so the loader ships 4x fewer bytes."""
-    return (x.float().div_(255) - mean) / std
+def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW on the device -> float, normalised there (so the loader ships 4x fewer bytes).
+
+    Args:
+        x: uint8 images, N x 3 x H x W, on the device the model runs on.
+        mean, std: per-channel values (sequences or tensors).
+        channels_last: return channels-last memory (for CNNs: see ``models.prefers_channels_last``).
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    x = (x.float().div_(255) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def decode_unique(split, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
-from .models import META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
+from .models import (META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier)
 
 _lock = threading.Lock()
 
@@ -82,49 +83,80 @@ def _hub_classifier(name: str) -> Classifier:
     return clf
 
 
+def inference_device() -> torch.device:
+    """Where the app and the CLI run models: the GPU when there is one (on a ZeroGPU Space, inside
+    ``spaces.GPU``), else the CPU. MMDEMO_INFERENCE_DEVICE=cpu keeps a GPU free for training."""
+    wanted = os.environ.get("MMDEMO_INFERENCE_DEVICE", "").strip().lower()
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _on_device(model):
+    device = inference_device()
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return device
+
+
+def _check_images(images) -> list:
+    if not images or any(image is None for image in images):
+        raise UserInputError("No image given: drop an image first.")
+    return list(images)
+
+
 @torch.no_grad()
-def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dict[str, float]:
-    """Top-k labels with probabilities for one PIL image.
+def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5) -> list[dict[str, float]]:
+    """Top-k labels with probabilities for each of several PIL images, in one forward pass.
 
     Args:
-        image: a PIL image (any mode).
+        images: PIL images (any mode, any size).
         checkpoint: a run directory, a model folder, a Hub id, or None for the ImageNet default.
-        top_k: how many labels to return.
+        top_k: how many labels to return per image.
     """
-    if image is None:
-        raise UserInputError("No image given: drop an image first.")
+    images = _check_images(images)
     clf = load_predictor(checkpoint, "classification")
     pre = clf.preprocess
-    x = resize_center_crop(image, pre.image_size, pre.crop_pct)[None]
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    x = torch.stack([resize_center_crop(image, pre.image_size, pre.crop_pct) for image in images])
     with _lock:  # one forward at a time per process: torch already uses every core for one
-        probs = clf(normalize(x, mean, std)).float().softmax(-1)[0]
-    top = probs.topk(min(top_k, len(probs)))
-    return {clf.labels[i]: round(float(p), 5) for p, i in zip(top.values, top.indices)}
+        device = _on_device(clf)
+        x = normalize(x.to(device, non_blocking=True), pre.mean, pre.std, clf.channels_last_input)
+        probs = clf(x).float().softmax(-1).cpu()
+    top = probs.topk(min(int(top_k), probs.shape[-1]))
+    return [{clf.labels[i]: round(float(p), 5) for p, i in zip(values, indices)}
+            for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def _pixels(image, size: int):
-    if image is None:
-        raise UserInputError("No image given: drop an image first.")
-    return resize_center_crop(image, size)[None]
+def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dict[str, float]:
+    """Top-k labels with probabilities for one PIL image (see ``classify_batch``)."""
+    return classify_batch([image], checkpoint, top_k)[0]
 
 
 @torch.no_grad()
+def generate_batch(images, questions: list[str] | None, checkpoint: str | Path | None = None,
+                   max_new_tokens: int = 30, num_beams: int = 1) -> list[str]:
+    """Captions (``questions`` None) or answers (one question per image) for several PIL images at once."""
+    images = _check_images(images)
+    task = "captioning" if questions is None else "vqa"
+    if questions is not None:
+        questions = [(q or "").strip() for q in questions]
+        if len(questions) != len(images) or not all(questions):
+            raise UserInputError("Type a question about the image first.")
+    model = load_predictor(checkpoint, task)
+    pixels = torch.stack([resize_center_crop(image, model.preprocess.image_size) for image in images])
+    with _lock:
+        _on_device(model)
+        return model.generate(pixels, questions, int(max_new_tokens), int(num_beams))
+
+
 def caption(image, checkpoint: str | Path | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:
     """A caption for one PIL image from a captioning run directory or a Hub id."""
-    model = load_predictor(checkpoint, "captioning")
-    with _lock:
-        return model.generate(_pixels(image, model.preprocess.image_size), None, int(max_new_tokens), int(num_beams))[0]
+    return generate_batch([image], None, checkpoint, max_new_tokens, num_beams)[0]
 
 
-@torch.no_grad()
 def answer(image, question: str, checkpoint: str | Path | None = None, max_new_tokens: int = 10,
            num_beams: int = 1) -> str:
     """The answer to ``question`` about one PIL image, from a VQA run directory or a Hub id."""
     if not (question or "").strip():
         raise UserInputError("Type a question about the image first.")
-    model = load_predictor(checkpoint, "vqa")
-    with _lock:
-        return model.generate(_pixels(image, model.preprocess.image_size), [question.strip()], int(max_new_tokens),
-                              int(num_beams))[0]
+    return generate_batch([image], [question], checkpoint, max_new_tokens, num_beams)[0]

@@ -32,12 +32,7 @@ class ClassificationTask:
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.collate = None
-        pre = self.model.preprocess
-        self._stats = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-        # CNNs run much faster on channels-last activations (default model, 2 CPU cores: training step
-        # 1.4x, see bench/RESULTS.md). Only the input is converted, so the convolutions propagate the
-        # format and the weights stay contiguous for checkpoints; a ViT has a single (patch) conv.
-        self.channels_last = sum(isinstance(m, torch.nn.Conv2d) for m in self.model.modules()) > 1
+        self.channels_last = self.model.channels_last_input
 
     def train_mode(self, model) -> None:
         # "head": the backbone is a fixed feature extractor. "lora": the adapter must reproduce the model
@@ -45,11 +40,8 @@ class ClassificationTask:
         model.train(self.method not in ("head", "lora"))
 
     def _logits(self, model, x):
-        mean, std = (t.to(x.device) for t in self._stats)
-        x = normalize(x, mean, std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return model(x).float()
+        pre = self.model.preprocess
+        return model(normalize(x, pre.mean, pre.std, self.channels_last)).float()
 
     def loss(self, model, batch):
         x, y = batch

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.errors import UserInputError
-from mmdemo.inference import classify
+from mmdemo.images import normalize, resize_center_crop
+from mmdemo.inference import classify, classify_batch, load_predictor
 from mmdemo.jobs import JobManager, find_run, list_runs, new_run_config, run_status, start_training
 from mmdemo.models import apply_method, build_classifier, count_parameters, load_classifier
 from mmdemo.training import train
@@ -90,6 +91,32 @@ def test_offline_default_loads_strictly_and_knows_a_cat():
     assert len(labels) == 5 and abs(sum(labels.values()) - 1) < 0.1
     top = max(labels, key=labels.get)
     assert "cat" in top, labels
+
+
+def test_a_batch_classifies_each_image_as_alone_would():
+    paths = [ROOT / "assets/examples" / name for name in ("cat.jpg", "coffee.jpg", "rocket.jpg", "circle.png")]
+    images = [Image.open(p) for p in paths]
+    batched = classify_batch(images, top_k=3)
+    for image, labels in zip(images, batched):
+        alone = classify(image, top_k=3)
+        assert list(labels) == list(alone)
+        assert all(abs(labels[k] - alone[k]) < 1e-4 for k in alone)
+    assert "cat" in next(iter(batched[0])), batched[0]
+    with pytest.raises(UserInputError, match="No image given"):
+        classify_batch([images[0], None])
+
+
+def test_channels_last_input_changes_speed_not_results():
+    clf = load_predictor(None, "classification")
+    assert clf.channels_last_input  # efficientnet_lite0 is a CNN
+    vit, _ = build_classifier("test_vit", ["a", "b"], pretrained=False)
+    assert not vit.channels_last_input  # a ViT has one (patch) convolution
+    pre = clf.preprocess
+    x = resize_center_crop(Image.open(ROOT / "assets/examples/cat.jpg"), pre.image_size)[None].repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        plain, last = (clf(normalize(x, pre.mean, pre.std, fmt)) for fmt in (False, True))
+    assert normalize(x, pre.mean, pre.std, True).is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain, last, atol=1e-4), (plain - last).abs().max()
 
 
 def test_unknown_model_says_what_is_available_offline():
@@ -264,8 +291,21 @@ def test_cli_train_and_predict(tmp_path):
                            "classification", str(raw / "circle/0.png"), str(raw / "square/1.png")],
                           env=ENV, capture_output=True, text=True, timeout=300)
     lines = [json.loads(line) for line in pred.stdout.strip().splitlines()]
+    assert pred.returncode == 0, pred.stderr[-2000:]
     assert [Path(x["image"]).name for x in lines] == ["0.png", "1.png"]
     assert all(set(x["labels"]) == {"circle", "square"} for x in lines)
+    # Batches of 2 with an unreadable file in the middle: one line per image, in order, the same labels.
+    (tmp_path / "notes.png").write_text("not an image")
+    images = [str(raw / "circle/0.png"), str(tmp_path / "notes.png"), str(raw / "square/1.png"), str(raw / "circle/2.png")]
+    batched = subprocess.run([sys.executable, "-m", "mmdemo", "predict", "--checkpoint", str(run), "--batch-size", "2",
+                              *images], env=ENV, capture_output=True, text=True, timeout=300)
+    assert batched.returncode == 1  # one image could not be read
+    rows = [json.loads(line) for line in batched.stdout.strip().splitlines()]
+    assert [r["image"] for r in rows] == images
+    assert "cannot read" in rows[1]["error"] and "notes.png" in rows[1]["error"]
+    for row, alone in zip((rows[0], rows[2]), lines):
+        assert row["labels"].keys() == alone["labels"].keys()
+        assert all(abs(row["labels"][k] - alone["labels"][k]) < 1e-4 for k in alone["labels"])
     bad = subprocess.run([sys.executable, "-m", "mmdemo", "train", "--data", str(raw), "--output-dir", str(tmp_path / "x"),
                           "--epochs", "-3"], env=ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "epochs must be 0 (default) or more" in bad.stderr

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..images import normalize
-from ..models import Preprocess
+from ..models import Preprocess, prefers_channels_last
 
 DEFAULT_TEXT_MODEL = "efficientnet_lite0+minilm"
 LORA_TARGETS = {"composed": ["query", "value"], "blip": ["query", "value", "qkv"], "git": ["query", "value"],
@@ -22,12 +22,14 @@ class ImageTextModel(nn.Module):
     def __init__(self, task: str, preprocess: Preprocess, base_model: str):
         super().__init__()
         self.task, self.preprocess, self.base_model = task, preprocess, base_model
+        self._channels_last = None  # decided on first use, once the modules exist
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the image encoder's input, on the model's device."""
+        if self._channels_last is None:
+            self._channels_last = prefers_channels_last(self)
         device = next(self.parameters()).device
-        mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
-        return normalize(images.to(device), mean, std)
+        return normalize(images.to(device), self.preprocess.mean, self.preprocess.std, self._channels_last)
 
     def meta(self) -> dict:
         from dataclasses import asdict

@@ -41,7 +41,7 @@ class ComposedCaptioner(ImageTextModel):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen encoder's feature maps for uint8 images, computed once per dataset: with the
         encoder frozen this halves a CPU training step (the encoder costs as much as the decoder)."""
-        return self.encoder.forward_features(self.pixels(images)).half().cpu()
+        return self.encoder.forward_features(self.pixels(images)).half().cpu().contiguous()
 
     def encode(self, pixel_values=None, features=None):
         fmap = features.float() if features is not None else self.encoder.forward_features(pixel_values)  # B x C x h x w
