@@ -4,8 +4,9 @@
     python bench/engine_vs_bare.py --model vit_base_patch16_224 --image-size 224 --batch-size 64   # on a GPU
 
 Engine: the real path, ``mmdemo.training.train`` on an ingested dataset (``max_steps`` N, one epoch,
-augmentation off, num_workers 0, the default ``log_every`` 1 so every step writes metrics.jsonl with
-its ``.item()``, checks the STOP file and steps the scheduler). The time of each step is the interval
+augmentation off, the engine's automatic ``num_workers`` and ``log_every``: on the CPU no loader
+workers and a metrics line with its ``.item()`` every step, on a GPU the spare cores and a line every
+10 steps; it checks the STOP file and steps the scheduler). The time of each step is the interval
 between two consecutive calls of ``_Loop._stop_requested`` (called once at the end of every step), so
 it holds the next batch from the DataLoader, the loss, backward, optimizer, scheduler, zero_grad,
 the metrics line and the stop check; setup (decode, model build, accelerate) and the end of the run
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
                         help="step: a bare step after every engine step (default on the CPU); runs: whole runs "
                              "in turn, timed between two synchronisations (default on a GPU, where a sync per "
                              "step would change what is measured)")
-    parser.add_argument("--log-every", type=int, default=1, help="engine's log_every (its default is 1)")
+    parser.add_argument("--log-every", type=int, default=0, help="engine's log_every (0, its default: automatic)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--bare-format", choices=("plain", "engine"), default="plain",

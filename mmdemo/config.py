@@ -65,7 +65,7 @@ class TrainConfig:
     augment: bool = True
     early_stopping_patience: int = 0
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 0  # 0: automatic (see training.log_interval)
     lora_r: int = 8
     lora_alpha: int = 16
     gradient_accumulation_steps: int = 1
@@ -117,8 +117,10 @@ class TrainConfig:
             p.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         if not 0 <= self.label_smoothing < 1:
             p.append(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
-        if self.log_every < 1 or self.gradient_accumulation_steps < 1 or self.lora_r < 1:
-            p.append("log_every, gradient_accumulation_steps and lora_r must be at least 1")
+        if self.log_every < 0:
+            p.append(f"log_every must be 0 (automatic) or more (got {self.log_every})")
+        if self.gradient_accumulation_steps < 1 or self.lora_r < 1:
+            p.append("gradient_accumulation_steps and lora_r must be at least 1")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p

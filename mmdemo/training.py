@@ -96,6 +96,13 @@ def loader_workers(cfg: TrainConfig, num_processes: int = 1) -> int:
     return max(0, min(4, cores // max(1, num_processes) - 1))
 
 
+def log_interval(cfg: TrainConfig) -> int:
+    """Steps between metrics lines. Automatic (0): every step on the CPU, where a step takes long and
+    reading the loss costs nothing; every 10 on a GPU, where reading it (``.item()``) waits for the
+    device and stops the host from queueing the next step. The line gives the mean loss since the last."""
+    return cfg.log_every or (10 if torch.cuda.is_available() else 1)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Trains per ``cfg`` into ``cfg.output_dir``; returns the final evaluation.
 
@@ -192,6 +199,7 @@ class _Loop:
         self.acc, self.task, self.model, self.optimizer, self.scheduler = acc, task, model, optimizer, scheduler
         self.train_loader, self.val_loader, self.sampler, self.writer = train_loader, val_loader, sampler, writer
         self.cfg, self.run_dir, self.total_steps = cfg, run_dir, total_steps
+        self.log_every = log_interval(cfg)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
         self.samples_per_rank = [0] * acc.num_processes
@@ -224,6 +232,7 @@ class _Loop:
         self.train_loader.set_epoch(self.epoch)
         self.task.train_mode(self.model)
         t0 = time.time()
+        losses, logged = None, 0  # the training loss summed on the device since the last metrics line
         for i, batch in enumerate(self.train_loader):
             if i < self.batch_in_epoch * cfg.gradient_accumulation_steps:
                 continue  # resuming mid-epoch: the sampler replays the same order
@@ -238,12 +247,17 @@ class _Loop:
                 continue
             self.step += 1
             self.batch_in_epoch += 1
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            losses = loss.detach() if losses is None else losses + loss.detach()  # stays on the device
+            logged += 1
+            log_step = self.step % self.log_every == 0 or self.step == self.total_steps
+            if log_step:
                 # .item() syncs with the device: only on log steps.
                 self.writer.write(type="train", step=self.step, epoch=round(self.epoch + (i + 1) / len(self.train_loader), 4),
-                                  loss=round(acc.reduce(loss.detach(), "mean").item(), 5),
+                                  loss=round(acc.reduce(losses / logged, "mean").item(), 5),
                                   lr=self.scheduler.get_last_lr()[0], step_time=round((time.time() - t0) / max(1, i + 1), 4))
-            if self._stop_requested():
+                losses, logged = None, 0
+            # Several processes agree on stopping through a collective (a sync): only on log steps.
+            if (log_step or acc.num_processes == 1) and self._stop_requested():
                 self._checkpoint()
                 if self.acc.is_main_process:  # consumed: a later resume must not stop at once
                     (self.run_dir / STOP_FILE).unlink(missing_ok=True)

@@ -170,6 +170,23 @@ def test_training_writes_a_self_describing_run_directory(dataset, tmp_path):
     assert reloaded.labels == ["circle", "square"] and reloaded.preprocess.image_size == 64
 
 
+def test_a_metrics_line_every_n_steps_gives_the_mean_loss_since_the_last(dataset, tmp_path):
+    every_step, every_two = tmp_path / "one", tmp_path / "two"
+    for run, log_every in ((every_step, 1), (every_two, 2)):
+        train(tiny_cfg(dataset, run, epochs=2, max_steps=3, log_every=log_every, augment=False))
+    def train_lines(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    ones, twos = train_lines(every_step), train_lines(every_two)
+    assert [r["step"] for r in ones] == [1, 2, 3] and [r["step"] for r in twos] == [2, 3]  # and the last
+    # Same seed, same steps: the line for steps 1-2 holds their mean, the last line step 3 alone.
+    assert twos[0]["loss"] == pytest.approx((ones[0]["loss"] + ones[1]["loss"]) / 2, abs=1e-4)
+    assert twos[1]["loss"] == pytest.approx(ones[2]["loss"], abs=1e-4)
+    start = json.loads((every_two / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["num_workers"] == 0  # automatic: no loader workers on the CPU
+    with pytest.raises(UserInputError, match=r"num_workers must be -1 \(automatic\).*log_every must be 0 \(automatic\)"):
+        TrainConfig(data="d", output_dir="o", log_every=-1, num_workers=-2)
+
+
 def test_default_recipe_learns_the_shapes(dataset, tmp_path):
     run = tmp_path / "run"
     result = train(TrainConfig(data=dataset, output_dir=str(run), epochs=3, image_size=96))
