@@ -48,7 +48,9 @@ def _predict_parser(sub) -> None:
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: 32 on a GPU, 1 on the CPU, where bigger batches are "
+                        "slower per image)")
     p.add_argument("images", nargs="+")
 
 
@@ -149,9 +151,11 @@ def _run_predict(args) -> int:
     time. An image that cannot be read gets an "error" line; the exit code is 1 if any line is one."""
     from PIL import Image
 
-    from .inference import classify_batch, generate_batch
+    from .inference import classify_batch, generate_batch, inference_device
 
     checkpoint = args.checkpoint or None
+    # Default model, 2 CPU cores: 62 images/s one at a time, 54 in batches of 8, 47 in batches of 32.
+    batch_size = args.batch_size or (32 if inference_device().type == "cuda" else 1)
 
     def predict(images: list) -> list[dict]:
         if args.task == "classification":
@@ -163,9 +167,9 @@ def _run_predict(args) -> int:
 
     failed = False
     paths = list(args.images)
-    for start in range(0, len(paths), args.batch_size):
+    for start in range(0, len(paths), batch_size):
         records, images = {}, {}
-        for path in paths[start:start + args.batch_size]:
+        for path in paths[start:start + batch_size]:
             try:
                 with Image.open(path) as img:
                     img.load()
@@ -177,7 +181,7 @@ def _run_predict(args) -> int:
                 records.update(zip(images, predict(list(images.values()))))
             except UserInputError as e:
                 records.update((path, {"error": str(e)}) for path in images)
-        for path in paths[start:start + args.batch_size]:
+        for path in paths[start:start + batch_size]:
             failed |= "error" in records[path]
             print(json.dumps({"image": path, **records[path]}), flush=True)
     return 1 if failed else 0
