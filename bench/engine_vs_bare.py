@@ -115,7 +115,8 @@ class BareLoop:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = task.model.to(self.device)
         self.pixels, self.labels = task.train_ds.pixels, task.train_ds.labels
-        self.mean, self.std = (t.to(self.device) for t in task._stats)
+        pre = task.model.preprocess
+        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [g for g in ({"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}) if g["params"]]
