@@ -644,6 +644,7 @@ def test_hub_caption_dataset_is_normalised(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda repo_id: hub)
     summary = ingest_dataset("someone/captions", tmp_path / "ws", task="captioning")
     assert (summary.num_train, summary.num_val, summary.num_test) == (3, 1, 2)
+    assert summary.source == "someone/captions" == load_summary(summary.path).source  # for the model card
     assert summary.warnings[0] == "Dropped 1 row of 'someone/captions' without usable text: train row 2: the " \
                                   "caption is empty."
     assert any("identical to training images" in w for w in summary.warnings)  # the test rows are copies

@@ -202,6 +202,14 @@ def test_card_names_hub_ids_only_and_no_local_paths(runs, tmp_path):
     assert hub.data.base_model == "google/vit-base-patch16-224" and hub.data.datasets == ["shapes-lab/shapes"]
     assert 'model="alice/shapes"' in hub.text and "data: shapes-lab/shapes" in hub.text
     assert build_model_card(run_with("resnet18", runs["data"])).data.base_model == "timm/resnet18.a1_in1k"
+    # A dataset ingested from the Hub: the card names the Hub id its summary.json records, never the folder.
+    from_hub = tmp_path / "from-hub"
+    shutil.copytree(runs["data"], from_hub)
+    summary = json.loads((from_hub / "summary.json").read_text())
+    (from_hub / "summary.json").write_text(json.dumps({**summary, "source": "shapes-lab/shapes"}))
+    card = build_model_card(run_with("resnet18", str(from_hub)))
+    assert card.data.datasets == ["shapes-lab/shapes"] and str(from_hub) not in str(card)
+    assert build_model_card(run_with("resnet18", runs["data"])).data.datasets is None  # an upload
     prefixed = build_model_card(run_with("hf-hub:timm/resnet18.a1_in1k@main", "x"))
     assert prefixed.data.base_model == "timm/resnet18.a1_in1k"
     assert build_model_card(run_with("google/vit-base-patch16-224", "x", pretrained=False)).data.base_model is None

@@ -16,6 +16,7 @@ from .classification import ingest_classification
 from .decode import to_rgb
 from .disk import DatasetSummary, find_dataset, load_splits, load_summary, preview_images, save_dataset
 from .text import ingest_text
+from .upload import hub_dataset_id
 
 __all__ = ["MAX_PIXELS", "TASKS", "DatasetSummary", "find_dataset", "ingest_dataset", "load_splits", "load_summary",
            "preview_images", "to_rgb"]
@@ -56,7 +57,7 @@ def ingest_dataset(source, workspace, task="classification", *, val_fraction=0.2
             result = ingest_classification(source, work, **options)
         else:
             result = ingest_text(source, work, task, **options)
-        return save_dataset(*result, task, workspace, work, dataset_id)
+        return save_dataset(*result, task, workspace, work, dataset_id, hub_dataset_id(source) or "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -28,17 +28,19 @@ class DatasetSummary:
     counts: dict[str, dict[str, int]]
     warnings: list[str] = field(default_factory=list)
     path: str = ""  # set on load from where the folder is now; never sent to the browser
+    source: str = ""  # the Hub dataset id it was ingested from ("" for an upload): model cards name it
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "path"}
 
 
-def save_dataset(out, classes, counts, warnings, task, workspace: Path, work: Path, dataset_id) -> DatasetSummary:
+def save_dataset(out, classes, counts, warnings, task, workspace: Path, work: Path, dataset_id,
+                 source: str = "") -> DatasetSummary:
     """Writes data/ and summary.json to a staging dir, then moves it into place in one rename."""
     final = workspace / "datasets" / dataset_id
     sizes = {s: len(out[s]) if s in out else 0 for s in ("train", "validation", "test")}
     summary = DatasetSummary(dataset_id, task, sizes["train"], sizes["validation"], sizes["test"], classes, counts,
-                             warnings, str(final))
+                             warnings, str(final), source)
     staging = work / "out"
     out.save_to_disk(str(staging / "data"))
     (staging / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))

@@ -34,6 +34,14 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 IMAGE_TYPES = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 
+def hub_dataset_id(source) -> str | None:
+    """The Hugging Face Hub dataset id that ``source`` names, or None for a local file or folder."""
+    path = Path(str(source))
+    if path.exists() or not HUB_ID.fullmatch(str(source)) or path.suffix.lower() in (".zip", ".csv", ".jsonl"):
+        return None
+    return str(source)
+
+
 class Layout(NamedTuple):
     """How a task's upload looks, for the messages: 'a .zip of {zip_of}', 'image files {images_where}'."""
 
@@ -65,7 +73,7 @@ def open_upload(source, work: Path, layout: Layout) -> Upload:
         upload = Upload(extract_zip(path, work / "extract"), path.name)
     elif path.is_dir():
         upload = Upload(path.resolve(), path.resolve().name)
-    elif HUB_ID.fullmatch(str(source)) and path.suffix.lower() not in (".zip", ".csv", ".jsonl"):
+    elif hub_dataset_id(source):
         return Upload(None, str(source), hub_id=str(source))
     else:
         raise UserInputError(f"'{path.name}' was not found; upload it again.")

@@ -103,8 +103,15 @@ def hub_base_model(cfg: dict, meta: dict) -> str | None:
 
 
 def hub_dataset(cfg: dict) -> str | None:
+    """The Hub dataset the run trained on: ``data`` itself when a Hub id, else the id that the ingested
+    dataset's summary.json records (a dataset loaded from the Hub); None for uploads."""
     data = str(cfg.get("data") or "")
-    return data if not is_local(data) and is_repo_id(data) else None
+    if is_local(data):
+        try:
+            data = str(json.loads((Path(data).expanduser() / "summary.json").read_text()).get("source") or "")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return data if data and not is_local(data) and is_repo_id(data) else None
 
 
 def public_config(cfg: dict) -> dict:
