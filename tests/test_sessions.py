@@ -178,7 +178,9 @@ def test_killed_child_after_restart_shows_interrupted_and_resumes_to_the_end(tmp
     browser = uuid.uuid4().hex
     wsp = app.browser_workspace(browser)
     dataset = ingest_dataset(shapes(tmp_path / "raw"), wsp).path
-    cfg = new_run_config(wsp, dataset, base_model="test_resnet", pretrained=False, epochs=3, batch_size=4,
+    # 20 epochs of 5 steps: the run must still be going when the test catches it past a checkpoint (on
+    # a quiet machine 3 epochs of this tiny model can finish between two polls).
+    cfg = new_run_config(wsp, dataset, base_model="test_resnet", pretrained=False, epochs=20, batch_size=4,
                          image_size=64, log_every=1)
     run = Path(cfg.output_dir)
     run.mkdir(parents=True)
@@ -193,7 +195,7 @@ def test_killed_child_after_restart_shows_interrupted_and_resumes_to_the_end(tmp
         return max((r["step"] for r in read_metrics(run) if r["type"] == "train"), default=0) > saved
 
     try:
-        wait_until(trained_past_a_checkpoint, 120, "an epoch's checkpoint and a step after it")
+        wait_until(trained_past_a_checkpoint, 120, "an epoch's checkpoint and a step after it", interval=0.02)
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
