@@ -89,6 +89,23 @@ def percentile(xs, q: float) -> float:
     return s[k]
 
 
+def cuda_seconds_per_call(fn, warmup: int, calls: int) -> float:
+    """Mean seconds per ``fn()`` on the GPU: ``warmup`` calls, then ``calls`` timed between two
+    synchronisations (none in between, so the host queues work as it would in training)."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls
+
+
 def write_shapes(root: Path, per_class: int, side: int = 96, classes=("circle", "square", "triangle")) -> Path:
     """Class folders of drawn shapes (random background, position, size): a classification upload
     of any size, made offline in a second or two."""

@@ -25,6 +25,7 @@ optimizer state, activations).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import subprocess
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import emit, median, print_env, skipped  # noqa: E402
+from benchlib import cuda_seconds_per_call, emit, median, print_env, skipped  # noqa: E402
 
 # Dense bf16 peak (no sparsity) in TFLOP/s, matched on the device name.
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0),
@@ -131,14 +132,7 @@ def gpu_part(args) -> None:
                 step(x, y)
                 torch.cuda.synchronize()
                 first = time.perf_counter() - t0
-                for _ in range(args.warmup):
-                    step(x, y)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step(x, y)
-                torch.cuda.synchronize()
-                dt = (time.perf_counter() - t0) / args.steps
+                dt = cuda_seconds_per_call(functools.partial(step, x, y), args.warmup, args.steps)
                 mem = torch.cuda.max_memory_allocated()
                 flops = count_flops(step, x, y) / b if not compiled else results[(model, method, False)]["flops"]
                 ips = b / dt

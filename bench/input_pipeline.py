@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import emit, ingest_shapes, median, print_env, skipped  # noqa: E402
+from benchlib import cuda_seconds_per_call, emit, ingest_shapes, median, print_env, skipped  # noqa: E402
 
 
 def make_loader(ds, batch_size: int, workers: int, pin: bool = False, prefetch: int = 2):
@@ -163,14 +163,7 @@ def gpu_part(args, splits, rates) -> None:
         b = args.gpu_batch
         xr = ds.pixels[:b, :, :224, :224].to(dev)
         yr = ds.labels[:b].to(dev)
-        for _ in range(5):
-            step(xr, yr)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.gpu_steps):
-            step(xr, yr)
-        torch.cuda.synchronize()
-        resident = (time.perf_counter() - t0) / args.gpu_steps
+        resident = cuda_seconds_per_call(lambda: step(xr, yr), 5, args.gpu_steps)
 
         it = batches(make_loader(ds, b, workers, pin=True, prefetch=4))
         for _ in range(5):

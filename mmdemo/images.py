@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -23,6 +25,18 @@ def resize_center_crop(image: Image.Image, size: int, crop_pct: float = 1.0) -> 
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def _per_channel(values, device: torch.device) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    return _constant(tuple(float(v) for v in values), device)
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    # Made once per device: a fresh host-to-GPU copy in every training step would wait for the queue.
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW on the device -> float, normalised there (so the loader ships 4x fewer bytes).
 
@@ -31,9 +45,7 @@ def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.
         mean, std: per-channel values (sequences or tensors).
         channels_last: return channels-last memory (for CNNs: see ``models.prefers_channels_last``).
     """
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    x = (x.float().div_(255) - mean) / std
+    x = (x.float().div_(255) - _per_channel(mean, x.device)) / _per_channel(std, x.device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

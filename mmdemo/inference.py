@@ -12,7 +12,7 @@ import torch
 
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
-from .models import (META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier)
+from .models import META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
 
 _lock = threading.Lock()
 
@@ -157,6 +157,4 @@ def caption(image, checkpoint: str | Path | None = None, max_new_tokens: int = 3
 def answer(image, question: str, checkpoint: str | Path | None = None, max_new_tokens: int = 10,
            num_beams: int = 1) -> str:
     """The answer to ``question`` about one PIL image, from a VQA run directory or a Hub id."""
-    if not (question or "").strip():
-        raise UserInputError("Type a question about the image first.")
     return generate_batch([image], [question], checkpoint, max_new_tokens, num_beams)[0]

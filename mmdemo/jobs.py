@@ -20,6 +20,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import UserInputError
 from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, write_status
+from .workspace import read_json
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ACTIVE = ("queued", "running")
@@ -119,10 +120,7 @@ def _log_tail(run_dir: Path, lines: int = 3) -> str:
 
 
 def read_status_file(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(run_dir) / STATUS_FILE)
 
 
 def pid_alive(pid) -> bool:

@@ -4,6 +4,7 @@ it has not been touched for MMDEMO_WORKSPACE_TTL_HOURS (a public Space's disk is
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,16 @@ DEFAULT_CLEANUP_INTERVAL_S = 3600
 TRASH_PREFIX = ".trash-"
 _cleanup_lock = threading.Lock()
 _cleanup_started = False
+
+
+def read_json(path) -> dict:
+    """A JSON object that the engine wrote into a workspace (status, summary, report...), or {} when the
+    file is missing, being rewritten, or holds no object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def data_dir() -> Path:

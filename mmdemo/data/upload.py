@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mmdemo.errors import UserInputError
+from mmdemo.workspace import read_json
 
 SPLITS = ("train", "validation", "test")
 # Upload limits, read at call time from the environment (a Space owner sets them in the Space settings).
@@ -232,10 +233,7 @@ def _extract_member(archive, info, target: Path, budget: _Budget, skipped: dict)
 
 
 def _skipped(root: Path) -> dict:
-    try:
-        return json.loads((Path(root) / SKIPPED_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(root) / SKIPPED_FILE)
 
 
 def _are(items) -> str:

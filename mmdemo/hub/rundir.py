@@ -3,7 +3,6 @@ apart from Hub ids (only Hub ids may appear in a card or an export)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import yaml
 
 from ..config import DEFAULT_MODELS
 from ..errors import UserInputError
+from ..workspace import read_json
 
 TASKS = ("classification", "captioning", "vqa")
 CONFIG_FILE = "training_config.yaml"
@@ -39,13 +39,6 @@ def read_run(run_dir: Path) -> tuple[Path, dict, dict]:
     except (OSError, yaml.YAMLError):
         cfg = {}
     return model_dir, meta, cfg if isinstance(cfg, dict) else {}
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -107,10 +100,7 @@ def hub_dataset(cfg: dict) -> str | None:
     dataset's summary.json records (a dataset loaded from the Hub); None for uploads."""
     data = str(cfg.get("data") or "")
     if is_local(data):
-        try:
-            data = str(json.loads((Path(data).expanduser() / "summary.json").read_text()).get("source") or "")
-        except (OSError, ValueError, AttributeError):
-            return None
+        data = str(read_json(Path(data).expanduser() / "summary.json").get("source") or "")
     return data if data and not is_local(data) and is_repo_id(data) else None
 
 
