@@ -372,3 +372,30 @@ def test_models_that_cannot_write_about_images_are_refused(bases, tmp_path):
     (tmp_path / "no-template" / "config.json").write_text((Path(bases["chat"]) / "config.json").read_text())
     with pytest.raises(UserInputError, match="no chat template"):
         HFImageText.build("captioning", str(tmp_path / "no-template"), local=True)
+
+
+# --- the offline default's loss ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task,method", [("vqa", "frozen_vision"), ("captioning", "lora")])
+def test_composed_loss_is_the_decoders_own_loss(task, method):
+    # The composed model applies its LM head only where a token is predicted; the loss must stay the
+    # one BertLMHeadModel computes over every position.
+    from mmdemo.vlm import apply_text_method
+
+    torch.manual_seed(0)
+    model = apply_text_method(build_image_text_model(task, "efficientnet_lite0+minilm", 64, pretrained=False), method)
+    items = [{"pixels": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "question": q, "answer": a, "text": c}
+             for q, a, c in (("what color is the shape?", "dark blue", "a blue circle"),
+                             ("is there a red triangle in the image?", "no", "a small green rectangle on white"))]
+    batch = model.collate(items)
+    assert (batch["labels"] != -100).sum() < batch["labels"].numel()  # padding (and questions) unlabelled
+    model.eval()
+    memory = model.encode(model.pixels(batch["images"]))
+    reference = model.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              encoder_hidden_states=memory, labels=batch["labels"], use_cache=False).loss
+    loss = model(**batch)
+    assert torch.allclose(loss, reference, atol=1e-5), (loss, reference)
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained if p.ndim)  # every trained weight gets a gradient

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models import Preprocess, _load_lite0_package_weights
@@ -65,9 +66,16 @@ class ComposedCaptioner(ImageTextModel):
     def forward(self, input_ids, attention_mask, labels, images=None, features=None):
         memory = self.encode(features=features.to(input_ids.device)) if features is not None \
             else self.encode(self.pixels(images))
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
-                           labels=labels, use_cache=False)
-        return out.loss
+        decoder = self.decoder.get_base_model() if hasattr(self.decoder, "get_base_model") else self.decoder
+        hidden = decoder.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
+                              use_cache=False).last_hidden_state
+        # The LM head (384 x 30,522) only where a token is predicted: a VQA answer is 2 or 3 of about 14
+        # positions, and the head costs as much as the 6 layers. The same loss as BertLMHeadModel's
+        # (next-token cross-entropy, mean over labelled tokens), in about 0.7 of the step time.
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = decoder.cls(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), target[keep])
 
     @torch.no_grad()
     def generate(self, images, questions=None, max_new_tokens=20, num_beams=1, features=None) -> list[str]:
