@@ -120,7 +120,7 @@ class BareLoop:
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [g for g in ({"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}) if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=torch.cuda.is_available())
+        self.opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)  # as the engine's
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg))
         self.smoothing, self.batch_size = cfg.label_smoothing, cfg.batch_size
         task.train_mode(self.model)

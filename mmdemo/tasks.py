@@ -1,7 +1,9 @@
 """What differs between tasks inside the one training loop: model, data, loss, evaluation, saving.
 
 ``make_task(cfg, splits)`` returns a ``ClassificationTask`` or a ``TextTask`` (captioning / VQA);
-``mmdemo.training`` drives either through the same methods.
+``mmdemo.training`` drives either through the same methods. ``report`` is the one evaluation: its
+float entries (``val_loss`` and the task's metrics) are the scores logged per evaluation, and the last
+report of a run becomes eval.json.
 """
 
 from __future__ import annotations
@@ -59,10 +61,6 @@ class ClassificationTask:
             preds.append(logits.argmax(-1).cpu())
             labels.append(y.cpu())
         return torch.cat(losses), torch.cat(preds), torch.cat(labels)
-
-    def evaluate(self, model, loader, acc) -> dict:
-        losses, preds, labels = self.predict(model, loader, acc)
-        return {"val_loss": round(losses.mean().item(), 5), "accuracy": round((preds == labels).float().mean().item(), 5)}
 
     def report(self, model, loader, acc, step) -> dict:
         losses, preds, labels = self.predict(model, loader, acc)
@@ -213,14 +211,6 @@ class TextTask:
             preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens, **kw)))
         preds = sorted(gather_object(preds) if acc.num_processes > 1 else preds)
         return torch.cat(losses).mean().item(), [p for _, p in preds]
-
-    def evaluate(self, model, loader, acc) -> dict:
-        from .metrics import caption_metrics, vqa_metrics
-
-        val_loss, preds = self.predict(model, loader, acc)
-        refs = self.val_ds.references
-        scores = vqa_metrics(preds, refs) if self.task == "vqa" else caption_metrics(preds, refs)
-        return {"val_loss": round(val_loss, 5), **{k: round(v, 5) for k, v in scores.items()}}
 
     def report(self, model, loader, acc, step) -> dict:
         from .metrics import caption_metrics, vqa_metrics

@@ -160,7 +160,10 @@ def train(cfg: TrainConfig) -> dict:
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
                  total_steps, state)
     outcome = loop.run()
-    result = task.report(model, val_loader, acc, loop.step)
+    # The last evaluation is the final one unless a step (or a stop) came after it.
+    result = loop.report
+    if not result or result["step"] != loop.step:
+        result = task.report(model, val_loader, acc, loop.step)
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / "eval.json", result)
@@ -181,8 +184,9 @@ def _optimizer(clf, cfg: TrainConfig) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()  # fused AdamW: one kernel for all parameters on the GPU
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=fused)
+    # Fused AdamW on the GPU and on the CPU alike: on the CPU it steps the text default's 27 M
+    # parameters in 19 ms instead of 105 ms for the per-parameter loop (bench/RESULTS.md).
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, fused=True)
 
 
 def _scheduler(optimizer, cfg: TrainConfig, total_steps: int):
@@ -204,6 +208,7 @@ class _Loop:
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
         self.samples_per_rank = [0] * acc.num_processes
         self.samples = 0
+        self.report = None  # the latest evaluation's full report
         # Generating text for a whole validation split costs more than an epoch of a small caption
         # set: text tasks evaluate about max_evals times per run, classification every epoch.
         self.eval_every = max(1, math.ceil(cfg.epochs / task.max_evals))
@@ -273,7 +278,8 @@ class _Loop:
         return flag
 
     def _evaluate_epoch(self) -> bool:
-        scores = self.task.evaluate(self.model, self.val_loader, self.acc)
+        self.report = self.task.report(self.model, self.val_loader, self.acc, self.step)
+        scores = {k: v for k, v in self.report.items() if isinstance(v, float)}
         self.writer.write(type="eval", epoch=self.epoch + 1, step=self.step, **scores)
         metric = scores[self.task.main_metric]
         if self.best is None or metric > self.best:
