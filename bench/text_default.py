@@ -1,0 +1,76 @@
+"""The offline default captioning / VQA model on a bundled sample: default recipe, held-out figures, time.
+
+    python bench/text_default.py --task vqa           # assets/sample_vqa.zip
+    python bench/text_default.py --task captioning    # assets/sample_captions.zip
+    python bench/text_default.py --task vqa --learning-rate 1e-3 --epochs 2    # a recipe other than the default
+
+One JSON line per figure: ingest and training time, the main metric and exact match on the validation
+split (images never seen in training) after every evaluation and at the end, and, for captioning,
+exact match on easy-VQA's own test images through ``mmdemo.inference.caption``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLES = {"vqa": "sample_vqa.zip", "captioning": "sample_captions.zip"}
+
+
+def emit(figure: str, value, unit: str = "", **extra) -> None:
+    print(json.dumps({"figure": figure, "value": value, "unit": unit, "load": round(os.getloadavg()[0], 2), **extra}),
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", choices=sorted(SAMPLES), default="vqa")
+    parser.add_argument("--learning-rate", type=float, default=0.0)
+    parser.add_argument("--epochs", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=0)
+    args = parser.parse_args()
+
+    from mmdemo.config import TrainConfig
+    from mmdemo.data import ingest_dataset, load_splits
+    from mmdemo.training import train
+
+    work = Path(tempfile.mkdtemp(prefix=f"mmdemo-{args.task}-"))
+    start = time.time()
+    summary = ingest_dataset(ROOT / "assets" / SAMPLES[args.task], work / "ws", task=args.task)
+    emit(f"{args.task}_sample_ingest_seconds", round(time.time() - start, 1), "s",
+         rows=summary.num_train + summary.num_val)
+    cfg = TrainConfig(task=args.task, data=summary.path, output_dir=str(work / "run"), learning_rate=args.learning_rate,
+                      epochs=args.epochs, batch_size=args.batch_size)
+    start = time.time()
+    report = train(cfg)
+    emit(f"{args.task}_default_train_seconds", round(time.time() - start, 1), "s",
+         learning_rate=cfg.learning_rate, batch_size=cfg.batch_size)
+    lines = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    t0 = lines[0]["time"]
+    steps = [line for line in lines if line["type"] == "train"]
+    emit(f"{args.task}_default_steps", steps[-1]["step"], "", epochs=lines[0]["epochs"],
+         median_step_seconds=sorted(s["step_time"] for s in steps)[len(steps) // 2])
+    metric = "vqa_accuracy" if args.task == "vqa" else "cider"
+    for line in lines:
+        if line["type"] == "eval":
+            emit(f"{args.task}_default_val_{metric}_during", line[metric], "", step=line["step"],
+                 exact_match=line["exact_match"], seconds=round(line["time"] - t0, 1))
+    # The validation split holds images never seen in training.
+    emit(f"{args.task}_default_val_{metric}", report[metric], "", num_val=report["num_val"])
+    emit(f"{args.task}_default_val_exact_match", report["exact_match"], "")
+    if args.task == "captioning":
+        from mmdemo.inference import caption
+
+        test = load_splits(summary.path)["test"]  # easy-VQA's own test images
+        hits = [caption(row["image"], work / "run").strip().lower() in {c.lower() for c in row["captions"]}
+                for row in test]
+        emit("captioning_default_test_exact_match", round(sum(hits) / len(hits), 5), "", num_test=len(hits))
+
+
+if __name__ == "__main__":
+    main()
