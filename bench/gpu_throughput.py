@@ -67,7 +67,7 @@ def make_step(clf, method: str, device, dtype, channels_last: str, compile_: boo
         clf = clf.to(memory_format=torch.channels_last)
     clf.train(method not in ("head", "lora"))  # as ClassificationTask.train_mode
     params = [p for p in clf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the engine
     pre = clf.preprocess
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
