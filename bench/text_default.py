@@ -11,20 +11,15 @@ exact match on easy-VQA's own test images through ``mmdemo.inference.caption``.
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, emit  # noqa: E402
+
 SAMPLES = {"vqa": "sample_vqa.zip", "captioning": "sample_captions.zip"}
-
-
-def emit(figure: str, value, unit: str = "", **extra) -> None:
-    print(json.dumps({"figure": figure, "value": value, "unit": unit, "load": round(os.getloadavg()[0], 2), **extra}),
-          flush=True)
 
 
 def main() -> None:
