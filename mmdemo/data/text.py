@@ -26,7 +26,7 @@ from .upload import (METADATA_NAMES, SPLITS, Layout, check_columns, expected_col
 MAX_CLASSES = 100  # VQA: the summary lists at most this many answers, the most frequent
 
 
-class TextTask(NamedTuple):
+class TextLayout(NamedTuple):
     needed: list[tuple[str, ...]]  # the text columns: alternative names each, the first one found is read
     example: dict  # one metadata row, shown in messages
     counted: str  # what counts[split] counts beside images
@@ -34,11 +34,11 @@ class TextTask(NamedTuple):
 
 
 TEXT_TASKS = {
-    "captioning": TextTask([("text", "caption", "captions")], {"file_name": "images/1.jpg", "text": "a red triangle"},
+    "captioning": TextLayout([("text", "caption", "captions")], {"file_name": "images/1.jpg", "text": "a red triangle"},
                            "captions", Layout("images with a metadata.jsonl (file_name, text)",
                                               "with a metadata.jsonl or metadata.csv giving each one's file_name "
                                               "and text (its caption)")),
-    "vqa": TextTask([("question",), ("answer", "answers")],
+    "vqa": TextLayout([("question",), ("answer", "answers")],
                     {"file_name": "images/1.jpg", "question": "what shape is this?", "answer": "triangle"},
                     "questions", Layout("images with a metadata.jsonl (file_name, question, answer)",
                                         "with a metadata.jsonl or metadata.csv of file_name, question and answer "
@@ -124,7 +124,7 @@ def _check_metadata_files(metas, upload, task):
         raise UserInputError(f"'{upload.display}' has both metadata.csv and metadata.jsonl files; use one format.")
 
 
-def _read_rows(meta: Path, root: Path, spec: TextTask, exts, units: dict, problems: list) -> list[str]:
+def _read_rows(meta: Path, root: Path, spec: TextLayout, exts, units: dict, problems: list) -> list[str]:
     """Adds the rows of one metadata file to `units` (file -> unit); problems are collected, not raised."""
     display = Path(os.path.relpath(meta, root)).as_posix()
     columns, rows = read_metadata(meta, display, spec.example)
