@@ -13,6 +13,7 @@ import torch
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
 from .models import META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
+from .taskspec import TASK_SPECS, task_spec
 
 _lock = threading.Lock()
 
@@ -26,7 +27,7 @@ def model_dir_of(checkpoint: str | Path) -> Path | None:
     return None
 
 
-TAB_OF = {"classification": "Classify", "captioning": "Caption", "vqa": "Ask"}
+TAB_OF = {name: spec.tab for name, spec in TASK_SPECS.items()}
 
 
 def load_predictor(checkpoint: str | Path | None = None, task: str = "classification"):
@@ -43,28 +44,27 @@ def load_predictor(checkpoint: str | Path | None = None, task: str = "classifica
         return _cached(str(model_dir), model_dir.stat().st_mtime_ns, task)
     if checkpoint and Path(checkpoint).exists():
         raise UserInputError(f"'{Path(checkpoint).name}' holds no trained model yet; wait for the run to finish.")
-    if not checkpoint and task != "classification":
+    if not checkpoint and task_spec(task).hub_example:  # a task with no offline predictor
         raise UserInputError(f"No {task} model yet: fine-tune one on your data (Train tab, task '{task}'), then pick "
                              f"its run here, or give a Hub model id such as {HUB_EXAMPLES[task]} (needs the Hub).")
     return _cached(checkpoint, 0, task)
 
 
-HUB_EXAMPLES = {"captioning": "Salesforce/blip-image-captioning-base", "vqa": "Salesforce/blip-vqa-base"}
+HUB_EXAMPLES = {name: spec.hub_example for name, spec in TASK_SPECS.items() if spec.hub_example}
 
 
 @lru_cache(maxsize=4)
 def _cached(key: str, _mtime: int, task: str):
-    if task != "classification":
-        from .vlm import HFImageText, load_image_text_model
+    return task_spec(task).resolve("predictor")(key, task).eval()
 
-        model = load_image_text_model(key) if Path(key).is_dir() else HFImageText.build(task, key)
-    elif not key:
-        model = imagenet_classifier()
-    elif Path(key).is_dir():
-        model = load_classifier(key)
-    else:
-        model = _hub_classifier(key)
-    return model.eval()
+
+def load_classifier_predictor(key: str, task: str = "classification") -> Classifier:
+    """The classifier of a folder or a Hub id; "" the offline ImageNet one (the task registry's predictor)."""
+    if not key:
+        return imagenet_classifier()
+    if Path(key).is_dir():
+        return load_classifier(key)
+    return _hub_classifier(key)
 
 
 def _hub_classifier(name: str) -> Classifier:

@@ -7,6 +7,9 @@ Families:
   ``architecture``).
 - any transformers image-classification id or local folder (``AutoModelForImageClassification``).
 - a previous run directory (continue fine-tuning; labels kept or extended).
+
+Each family is a ``ClassifierFamily`` in the family registry (``mmdemo.families``): ``build_classifier``
+resolves a name to the first family whose ``matches`` accepts it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import UserInputError
+from .families import get_family, register_family, resolve_family
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_HINT = (f"Available offline: '{DEFAULT_MODEL}' (ImageNet weights shipped in a package), "
@@ -46,6 +50,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
         self.family = family
+        self.family_spec = get_family(family)
         self.labels = list(labels)
         self.head_name = head_name
         self.preprocess = preprocess
@@ -53,9 +58,7 @@ class Classifier(nn.Module):
         self.channels_last_input = prefers_channels_last(net)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.family == "timm":
-            return self.net(pixel_values)
-        return self.net(pixel_values=pixel_values).logits
+        return self.family_spec.logits(self.net, pixel_values)
 
 
 def prefers_channels_last(model: nn.Module) -> bool:
@@ -84,17 +87,166 @@ def build_classifier(base_model: str, labels: list[str], pretrained: bool = True
     """
     name = (base_model or DEFAULT_MODEL).strip()
     path = Path(name)
-    if name == DEFAULT_MODEL:
-        return _build_default(labels, pretrained), list(range(len(labels)))
-    if path.is_dir():
+    if name != DEFAULT_MODEL and path.is_dir():
         if (path / "model" / META_FILE).is_file():
             path = path / "model"  # a run directory
         if (path / META_FILE).is_file():
             return _continue_from(path, labels)
-        return _build_local(path, labels), list(range(len(labels)))
-    if _is_timm_name(name):
-        return _build_timm(name, labels, pretrained), list(range(len(labels)))
-    return _build_transformers(name, labels, pretrained), list(range(len(labels)))
+    return resolve_family("classifier", name).build(name, labels, pretrained), list(range(len(labels)))
+
+
+class ClassifierFamily:
+    """A classifier family: how its models are recognised, built, run, adapted, saved and loaded.
+
+    ``family`` is what mmdemo.json records; ``library`` the model card's library_name; a ``fallback``
+    family accepts any name and is tried after the others.
+    """
+
+    kind = "classifier"
+    family = ""
+    library = ""
+    fallback = False
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, name: str, labels: list[str], pretrained: bool) -> Classifier:
+        """A new classifier for ``labels`` from a name or a folder that ``matches`` accepted."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model_dir: Path) -> nn.Module:
+        """The network of a folder written by ``save``."""
+        raise NotImplementedError
+
+    @classmethod
+    def save(cls, net: nn.Module, clf: Classifier, model_dir: Path) -> None:
+        """Writes ``net`` (the merged network of ``clf``) in the family's own format."""
+        raise NotImplementedError
+
+    @staticmethod
+    def logits(net: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def lora_targets(cls, net: nn.Module, head_name: str) -> list[str]:
+        return lora_targets(net, head_name)
+
+    @classmethod
+    def set_labels(cls, clf: Classifier, labels: list[str]) -> None:
+        """Records a changed label set (continued runs) where the network keeps its own copy."""
+
+    @classmethod
+    def resize_head(cls, net: nn.Module, n: int) -> None:
+        """Records a head that now has ``n`` outputs where the network keeps the count."""
+
+
+@register_family
+class EfficientNetLite0Family(ClassifierFamily):
+    """The offline default (tried before timm, which knows the name too): it builds timm models, which
+    save and load as the timm family."""
+
+    family, library = DEFAULT_MODEL, "timm"
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        return name == DEFAULT_MODEL
+
+    @classmethod
+    def build(cls, name, labels, pretrained) -> Classifier:
+        return _build_default(labels, pretrained)
+
+
+@register_family
+class TimmFamily(ClassifierFamily):
+    """Any timm name (``resnet18``, ``hf-hub:timm/...``) or a local timm folder (config.json with ``architecture``)."""
+
+    family = library = "timm"
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        path = Path(name)
+        if path.is_dir():
+            return "architecture" in _read_json(path / "config.json")  # a timm folder (save_for_hf layout)
+        return _is_timm_name(name)
+
+    @classmethod
+    def build(cls, name, labels, pretrained) -> Classifier:
+        if not Path(name).is_dir():
+            return _build_timm(name, labels, pretrained)
+        import timm
+
+        net = timm.create_model(f"local-dir:{name}", pretrained=True, num_classes=len(labels))
+        return Classifier(net, "timm", labels, _timm_head_name(net), _timm_preprocess(net), name)
+
+    @classmethod
+    def load(cls, model_dir):
+        import timm
+
+        return timm.create_model(f"local-dir:{model_dir}", pretrained=True)
+
+    @classmethod
+    def save(cls, net, clf, model_dir):
+        from timm.models import save_for_hf
+
+        pre = clf.preprocess
+        net.pretrained_cfg = dict(net.pretrained_cfg, input_size=(3, pre.image_size, pre.image_size),
+                                  mean=tuple(pre.mean), std=tuple(pre.std), crop_pct=pre.crop_pct,
+                                  crop_mode="center", num_classes=len(clf.labels))
+        save_for_hf(net, model_dir, model_config={"label_names": clf.labels}, safe_serialization=True)
+        # transformers' timm wrapper rejects config.json's model_args ("multiple values for num_classes").
+        config = _read_json(model_dir / "config.json")
+        config.pop("model_args", None)
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    @staticmethod
+    def logits(net, pixel_values):
+        return net(pixel_values)
+
+    @classmethod
+    def resize_head(cls, net, n):
+        net.num_classes = n
+
+
+@register_family
+class TransformersFamily(ClassifierFamily):
+    """Any transformers image-classification id or local folder (``AutoModelForImageClassification``)."""
+
+    family = library = "transformers"
+    fallback = True
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, name, labels, pretrained) -> Classifier:
+        if Path(name).is_dir():
+            return _build_transformers(name, labels, True, local=True)
+        return _build_transformers(name, labels, pretrained)
+
+    @classmethod
+    def load(cls, model_dir):
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(model_dir)
+
+    @classmethod
+    def save(cls, net, clf, model_dir):
+        net.save_pretrained(model_dir, safe_serialization=True)
+        _save_processor(model_dir, clf.preprocess)
+
+    @staticmethod
+    def logits(net, pixel_values):
+        return net(pixel_values=pixel_values).logits
+
+    @classmethod
+    def set_labels(cls, clf, labels):
+        clf.net.config.id2label = dict(enumerate(labels))
+        clf.net.config.label2id = {v: k for k, v in enumerate(labels)}
+        clf.net.config.num_labels = len(labels)
 
 
 def _is_timm_name(name: str) -> bool:
@@ -232,16 +384,6 @@ def _linear_head_name(net, num_labels) -> str:
     return heads[-1]
 
 
-def _build_local(path: Path, labels) -> Classifier:
-    config = _read_json(path / "config.json")
-    if "architecture" in config:  # a timm folder (save_for_hf layout)
-        import timm
-
-        net = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=len(labels))
-        return Classifier(net, "timm", labels, _timm_head_name(net), _timm_preprocess(net), str(path))
-    return _build_transformers(str(path), labels, True, local=True)
-
-
 def _continue_from(model_dir: Path, labels: list[str]) -> tuple[Classifier, list[int]]:
     # Keep the previous labels (and their head rows); append the dataset's new ones.
     clf = load_classifier(model_dir)
@@ -250,10 +392,7 @@ def _continue_from(model_dir: Path, labels: list[str]) -> tuple[Classifier, list
     if len(merged) > len(old):
         _extend_head(clf, len(merged))
     clf.labels = merged
-    if clf.family == "transformers":
-        clf.net.config.id2label = dict(enumerate(merged))
-        clf.net.config.label2id = {v: k for k, v in enumerate(merged)}
-        clf.net.config.num_labels = len(merged)
+    clf.family_spec.set_labels(clf, merged)
     return clf, [merged.index(c) for c in labels]
 
 
@@ -265,8 +404,7 @@ def _extend_head(clf: Classifier, n: int) -> None:
         if head.bias is not None:
             new.bias[: head.out_features] = head.bias
     clf.net.set_submodule(clf.head_name, new)
-    if clf.family == "timm":
-        clf.net.num_classes = n
+    clf.family_spec.resize_head(clf.net, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +446,7 @@ def lora_targets(net: nn.Module, head_name: str) -> list[str]:
 def _apply_lora(clf: Classifier, r: int, alpha: int) -> None:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(clf.net, clf.head_name),
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=clf.family_spec.lora_targets(clf.net, clf.head_name),
                         modules_to_save=[clf.head_name])
     clf.net = get_peft_model(clf.net, config)
 
@@ -337,20 +475,7 @@ def save_classifier(clf: Classifier, model_dir, task: str = "classification") ->
         net = copy.deepcopy(net).merge_and_unload()
     net = net.float()
     pre = clf.preprocess
-    if clf.family == "timm":
-        from timm.models import save_for_hf
-
-        net.pretrained_cfg = dict(net.pretrained_cfg, input_size=(3, pre.image_size, pre.image_size),
-                                  mean=tuple(pre.mean), std=tuple(pre.std), crop_pct=pre.crop_pct,
-                                  crop_mode="center", num_classes=len(clf.labels))
-        save_for_hf(net, model_dir, model_config={"label_names": clf.labels}, safe_serialization=True)
-        # transformers' timm wrapper rejects config.json's model_args ("multiple values for num_classes").
-        config = _read_json(model_dir / "config.json")
-        config.pop("model_args", None)
-        (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    else:
-        net.save_pretrained(model_dir, safe_serialization=True)
-        _save_processor(model_dir, pre)
+    clf.family_spec.save(net, clf, model_dir)
     meta = {"task": task, "family": clf.family, "base_model": clf.base_model, "head_name": clf.head_name,
             "id2label": {str(i): label for i, label in enumerate(clf.labels)},
             "label2id": {label: i for i, label in enumerate(clf.labels)}, "preprocess": asdict(pre)}
@@ -376,14 +501,7 @@ def load_classifier(model_dir) -> Classifier:
     meta = _read_json(model_dir / META_FILE)
     labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
-    if meta["family"] == "timm":
-        import timm
-
-        net = timm.create_model(f"local-dir:{model_dir}", pretrained=True)
-    else:
-        from transformers import AutoModelForImageClassification
-
-        net = AutoModelForImageClassification.from_pretrained(model_dir)
+    net = get_family(meta["family"]).load(model_dir)
     return Classifier(net, meta["family"], labels, meta["head_name"], pre, meta["base_model"])
 
 

@@ -1,7 +1,8 @@
 """What differs between tasks inside the one training loop: model, data, loss, evaluation, saving.
 
-``make_task(cfg, splits)`` returns a ``ClassificationTask`` or a ``TextTask`` (captioning / VQA);
-``mmdemo.training`` drives either through the same methods. ``report`` is the one evaluation: its
+``make_task(cfg, splits)`` returns the training task the task registry (``mmdemo.taskspec``) names:
+``ClassificationTask`` or ``TextTask`` (captioning / VQA); ``mmdemo.training`` drives either through the
+same methods. ``report`` is the one evaluation: its
 float entries (``val_loss`` and the task's metrics) are the scores logged per evaluation, and the last
 report of a run becomes eval.json.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
+from .taskspec import task_spec
 
 
 class ClassificationTask:
@@ -227,7 +229,7 @@ class TextTask:
         from .vlm import save_image_text_model
 
         save_image_text_model(model, model_dir)
-        peft_part = getattr(model, "decoder" if model.family == "composed" else "net")
+        peft_part = getattr(model, model.peft_attr)
         if hasattr(peft_part, "peft_config"):  # the adapter as well as the merged model
             peft_part.save_pretrained(model_dir / "adapter")
 
@@ -236,8 +238,8 @@ def make_task(cfg, splits):
     if "validation" not in splits or len(splits["validation"]) == 0:
         raise UserInputError("The dataset has no validation images; ingest it again so a split is made.")
     columns = set(splits["train"].column_names)
-    expected = {"classification": {"label"}, "captioning": {"captions"}, "vqa": {"question", "answers"}}[cfg.task]
-    if not expected <= columns:
+    spec = task_spec(cfg.task)
+    if not spec.columns <= columns:
         raise UserInputError(f"This dataset was ingested for another task (its columns: {', '.join(sorted(columns))}); "
                              f"load it again with task '{cfg.task}'.")
-    return ClassificationTask(cfg, splits) if cfg.task == "classification" else TextTask(cfg, splits)
+    return spec.resolve("training")(cfg, splits)

@@ -21,8 +21,9 @@ LAYOUT_HINT = "Use class folders (cats/1.jpg, dogs/2.jpg) or a metadata.csv with
 EXAMPLE_ROW = {"file_name": "cats/1.jpg", "label": "cat"}
 
 
-def ingest_classification(source, work, *, val_fraction, seed, max_side):
-    """-> (DatasetDict with image + label, class names, split -> class -> count, warnings)."""
+def ingest_classification(source, work, task="classification", *, val_fraction, seed, max_side):
+    """-> (DatasetDict with image + label, class names, split -> class -> count, warnings). ``task`` is
+    the task registry's uniform argument (one layout serves classification)."""
     import datasets
 
     raw, root, warnings = _load_raw(source, work)

@@ -28,7 +28,7 @@ TEXT_METRICS = {"captioning": {"bleu4": ("bleu", "BLEU-4"), "rouge_l": ("rouge",
 # The composed family is two ecosystem models plus a projection: no single library loads it.
 LIBRARIES = {"composed": "mmdemo", "blip": "transformers", "git": "transformers", "vlm": "transformers"}
 FAMILY_NAMES = {"blip": "BLIP", "git": "GIT", "vlm": "chat VLM"}
-CHAT_CAPTION_PROMPT = "Describe this image in a few words."  # vlm.hf.HFImageText._prompt's, for captioning
+CHAT_CAPTION_PROMPT = "Describe this image in a few words."  # vlm.hf.ChatImageText._prompt's, for captioning
 MAX_EXAMPLES = 10
 
 

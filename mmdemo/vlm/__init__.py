@@ -9,7 +9,8 @@ Families:
 - ``vlm``: any AutoModelForImageTextToText with a chat template (e.g. SmolVLM).
 
 Every model takes a batch from ``collate`` (uint8 images + texts) and returns a loss, and
-``generate(images, questions)`` returns strings.
+``generate(images, questions)`` returns strings. Each family is a model class in the family registry
+(``mmdemo.families``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import json
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..families import families, get_family, resolve_family
 from ..models import META_FILE, Preprocess
-from .base import DEFAULT_TEXT_MODEL, LORA_TARGETS, ImageTextModel
+from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 from .composed import ComposedCaptioner, minilm_path
 from .hf import HFImageText
 
 __all__ = ["DEFAULT_TEXT_MODEL", "LORA_TARGETS", "ComposedCaptioner", "HFImageText", "ImageTextModel",
-           "apply_text_method", "build_image_text_model", "load_image_text_model", "minilm_path",
-           "save_image_text_model"]
+           "apply_text_method", "build_image_text_model", "load_image_text_model", "load_text_predictor",
+           "minilm_path", "save_image_text_model"]
+
+LORA_TARGETS = {name: list(cls.lora_targets) for name, cls in families("image-text").items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,9 +45,15 @@ def build_image_text_model(task: str, base_model: str, image_size: int = 0, pret
         if (model_dir / META_FILE).is_file():
             return load_image_text_model(model_dir, expect_task=task)
         return HFImageText.build(task, str(path), pretrained=True, local=True)
-    if name == DEFAULT_TEXT_MODEL:
-        return ComposedCaptioner.build(task, image_size or 128, pretrained)
-    return HFImageText.build(task, name, pretrained)
+    family = resolve_family("image-text", name)
+    if family is not None:
+        return family.from_name(task, name, image_size, pretrained)
+    return HFImageText.build(task, name, pretrained)  # a transformers id: its config's model_type picks the family
+
+
+def load_text_predictor(key: str, task: str) -> ImageTextModel:
+    """The inference model of a captioning / VQA folder or Hub id (the task registry's predictor)."""
+    return load_image_text_model(key) if Path(key).is_dir() else HFImageText.build(task, key)
 
 
 def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_alpha: int = 16) -> ImageTextModel:
@@ -60,11 +70,11 @@ def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_
         raise UserInputError(f"Unknown method '{method}' for {model.task}; use full, frozen_vision or lora.")
     from peft import LoraConfig, get_peft_model
 
-    attr = "decoder" if model.family == "composed" else "net"
+    attr = model.peft_attr
     inner = getattr(model, attr)
     inner.requires_grad_(False)
     setattr(model, attr, get_peft_model(inner, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                           target_modules=LORA_TARGETS[model.family])))
+                                                           target_modules=list(model.lora_targets))))
     for name in model.trainable_extra():
         model.get_submodule(name).requires_grad_(True)
     return model
@@ -73,7 +83,7 @@ def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_
 def save_image_text_model(model: ImageTextModel, model_dir) -> None:
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    attr = "decoder" if model.family == "composed" else "net"
+    attr = model.peft_attr
     if hasattr(getattr(model, attr), "merge_and_unload"):
         import copy
 
@@ -91,10 +101,6 @@ def load_image_text_model(model_dir, expect_task: str | None = None) -> ImageTex
         raise UserInputError(f"This checkpoint was trained for {meta['task']}, not {expect_task}; "
                              f"pick a {expect_task} run.")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
-    if meta["family"] == "composed":
-        model = ComposedCaptioner.build(meta["task"], pre.image_size, model_dir=model_dir)
-    else:
-        model = HFImageText.build(meta["task"], str(model_dir), local=True)
-        model.preprocess = pre
+    model = get_family(meta["family"]).load(model_dir, meta, pre)
     model.base_model = meta["base_model"]
     return model

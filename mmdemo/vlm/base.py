@@ -9,15 +9,38 @@ from ..images import normalize
 from ..models import Preprocess, prefers_channels_last
 
 DEFAULT_TEXT_MODEL = "efficientnet_lite0+minilm"
-LORA_TARGETS = {"composed": ["query", "value"], "blip": ["query", "value", "qkv"], "git": ["query", "value"],
-                "vlm": ["q_proj", "v_proj"]}
-
 
 
 class ImageTextModel(nn.Module):
-    """Common base: preprocessing, labels-free interface, saving metadata."""
+    """Common base: preprocessing, labels-free interface, saving metadata.
 
+    A subclass registered with ``mmdemo.families.register_family`` is an image-to-text family: its class
+    attributes are the spec (``family`` as mmdemo.json records it, the model card's ``library``, the
+    ``lora_targets`` module names and ``peft_attr``, the sub-module that carries the PEFT adapter).
+    """
+
+    kind = "image-text"
     family = ""
+    library = "transformers"
+    lora_targets: tuple[str, ...] = ()
+    peft_attr = "net"
+    fallback = False
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        """Whether this family builds the model ``name`` (a registry name); Hub ids and folders are
+        recognised by their config's model_type instead (``HFImageText``)."""
+        return False
+
+    @classmethod
+    def from_name(cls, task: str, name: str, image_size: int, pretrained: bool) -> "ImageTextModel":
+        """A new model for ``task`` from a name ``matches`` accepted."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model_dir, meta: dict, preprocess: Preprocess) -> "ImageTextModel":
+        """A folder written by ``save`` (mmdemo.json's ``meta``, its preprocessing already parsed)."""
+        raise NotImplementedError
 
     def __init__(self, task: str, preprocess: Preprocess, base_model: str):
         super().__init__()

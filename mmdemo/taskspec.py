@@ -1,0 +1,101 @@
+"""The task registry: one ``TaskSpec`` per task name, plain data that imports neither torch nor the data stack.
+
+A spec names its implementation by reference ("module:attribute"), resolved on first use, so the UI, the
+CLI and config validation can read the task list, methods and defaults without loading a model library.
+Adding a task: write its module (ingest function, training task, predictor loader) and add one
+``register_task(TaskSpec(...))`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from .errors import UserInputError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the engine needs to know about one task.
+
+    Attributes:
+        name: the task's name in configs, dataset summaries and mmdemo.json.
+        columns: dataset columns a training run needs (a dataset ingested for another task lacks them).
+        methods: the training methods it accepts; the first one is the default.
+        method_defaults: method -> learning_rate / epochs / batch_size used where the user leaves 0.
+        default_model: the base model when none is given (an offline one).
+        tab: the UI tab that predicts with a model of this task.
+        hub_example: a Hub model id suggested when there is no model yet ("" when the task has an
+            offline predictor before any run).
+        pipeline_tag, hub_tag, title: the model card's Hub pipeline tag, tag and display name.
+        ingest: "module:function" called as ``function(source, work, task, *, val_fraction, seed, max_side)``.
+        training: "module:class" built as ``class(cfg, splits)`` (loss, report, save).
+        predictor: "module:function" called as ``function(key, task)``: a model for inference ("" key: the
+            task's offline predictor, a folder: a saved model, else a Hub id).
+    """
+
+    name: str
+    columns: frozenset[str]
+    methods: tuple[str, ...]
+    method_defaults: dict = field(hash=False)
+    default_model: str
+    tab: str
+    hub_example: str
+    pipeline_tag: str
+    hub_tag: str
+    title: str
+    ingest: str
+    training: str
+    predictor: str
+
+    def resolve(self, attribute: str):
+        """The object one of the reference fields ("ingest", "training", "predictor") names."""
+        module, _, name = getattr(self, attribute).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+TASK_SPECS: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    if spec.name in TASK_SPECS:
+        raise ValueError(f"task {spec.name!r} is registered twice")
+    TASK_SPECS[spec.name] = spec
+    return spec
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of ``name``; an unknown name is the user's to fix."""
+    try:
+        return TASK_SPECS[name]
+    except KeyError:
+        raise UserInputError(f"task must be one of {', '.join(TASK_SPECS)} (got {name!r})") from None
+
+
+# A frozen backbone takes a larger step size; LoRA sits in between (its update is low rank and starts at
+# zero). Text decoders: epochs 0 = enough epochs for about config.TEXT_TARGET_STEPS optimizer steps
+# (resolved when the dataset's size is known), since a small caption set needs many passes and a VQA set
+# few. frozen_vision trains with batch 16: on the VQA sample, 2 epochs of batch 16 reach 0.943 in 5 min on
+# 2 CPU cores where 3 epochs of batch 32 reached 0.912 in 7 (bench/RESULTS.md).
+_TEXT_METHOD_DEFAULTS = {"frozen_vision": {"learning_rate": 3e-4, "epochs": 0, "batch_size": 16},
+                         "full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
+                         "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
+_TEXT = dict(methods=("frozen_vision", "full", "lora"), method_defaults=_TEXT_METHOD_DEFAULTS,
+             default_model="efficientnet_lite0+minilm", pipeline_tag="image-text-to-text",
+             ingest="mmdemo.data.text:ingest_text", training="mmdemo.tasks:TextTask",
+             predictor="mmdemo.vlm:load_text_predictor")
+
+register_task(TaskSpec(
+    "classification", frozenset({"label"}), ("full", "head", "lora", "bitfit"),
+    {"full": {"learning_rate": 1e-3, "epochs": 4, "batch_size": 16},
+     "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
+     "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
+     "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16}},
+    default_model="efficientnet_lite0", tab="Classify", hub_example="", pipeline_tag="image-classification",
+    hub_tag="image-classification", title="Image Classification",
+    ingest="mmdemo.data.classification:ingest_classification", training="mmdemo.tasks:ClassificationTask",
+    predictor="mmdemo.inference:load_classifier_predictor"))
+register_task(TaskSpec("captioning", frozenset({"captions"}), tab="Caption", hub_tag="image-captioning",
+                       hub_example="Salesforce/blip-image-captioning-base", title="Image Captioning", **_TEXT))
+register_task(TaskSpec("vqa", frozenset({"question", "answers"}), tab="Ask", hub_tag="visual-question-answering",
+                       hub_example="Salesforce/blip-vqa-base", title="Visual Question Answering", **_TEXT))
