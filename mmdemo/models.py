@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UserInputError
+from .refs import local_dir
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_HINT = (f"Available offline: '{DEFAULT_MODEL}' (ImageNet weights shipped in a package), "
@@ -83,10 +84,10 @@ def build_classifier(base_model: str, labels: list[str], pretrained: bool = True
         identity only when continuing a previous run whose labels are kept or extended).
     """
     name = (base_model or DEFAULT_MODEL).strip()
-    path = Path(name)
+    path = local_dir(name)  # only an absolute path is a folder: a Hub id never reads a relative one
     if name == DEFAULT_MODEL:
         return _build_default(labels, pretrained), list(range(len(labels)))
-    if path.is_dir():
+    if path is not None:
         if (path / "model" / META_FILE).is_file():
             path = path / "model"  # a run directory
         if (path / META_FILE).is_file():

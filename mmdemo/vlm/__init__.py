@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from ..models import META_FILE, Preprocess
+from ..refs import local_dir
 from .base import DEFAULT_TEXT_MODEL, LORA_TARGETS, ImageTextModel
 from .composed import ComposedCaptioner, minilm_path
 from .hf import HFImageText
@@ -35,8 +36,8 @@ __all__ = ["DEFAULT_TEXT_MODEL", "LORA_TARGETS", "ComposedCaptioner", "HFImageTe
 def build_image_text_model(task: str, base_model: str, image_size: int = 0, pretrained: bool = True) -> ImageTextModel:
     """The model for ``task`` (captioning / vqa) from a registry name, a Hub id or a folder."""
     name = (base_model or DEFAULT_TEXT_MODEL).strip()
-    path = Path(name)
-    if path.is_dir():
+    path = local_dir(name)  # only an absolute path is a folder: a Hub id never reads a relative one
+    if path is not None:
         model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
         if (model_dir / META_FILE).is_file():
             return load_image_text_model(model_dir, expect_task=task)
