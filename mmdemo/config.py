@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
+
+PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
 
 TASKS = ("classification", "captioning", "vqa")
 TASK_METHODS = {"classification": ("full", "head", "lora", "bitfit"),
@@ -33,6 +37,22 @@ METHOD_DEFAULTS = {
 TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
                         "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
 TEXT_TARGET_STEPS = 400
+
+
+def _as_text(name: str, value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    raise UserInputError(f"{name} must be text (got {shown(value)})")
+
+
+def _as_mapping(name: str, value) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    raise UserInputError(f"{name} must be a mapping of key: value (got {shown(value)})")
 
 
 def auto_epochs(num_rows: int, batch_size: int) -> int:
@@ -93,7 +113,7 @@ class TrainConfig:
                 set_(self, name, defaults[name])
 
     def _problems(self) -> list[str]:
-        p = []
+        p = self._parse_types()
         if self.task not in TASKS:
             p.append(f"task must be one of {', '.join(TASKS)} (got {self.task!r})")
         methods = TASK_METHODS.get(self.task, METHODS)
@@ -126,6 +146,27 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p
+
+    def _parse_types(self) -> list[str]:
+        """Parses every field to its declared type ("3" -> 3, "false" -> False); a value that does not
+        parse is a problem, and the field takes its default so that the range checks can still run."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                if f.type in PARSERS:
+                    value = PARSERS[f.type](f.name, value)
+                elif f.type == "str":
+                    value = _as_text(f.name, value)
+                elif f.type == "dict":
+                    value = _as_mapping(f.name, value)
+            except UserInputError as e:
+                problems.append(str(e))
+                value = "" if f.default is dataclasses.MISSING else f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    value = f.default_factory()
+            object.__setattr__(self, f.name, value)
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,17 +10,24 @@ from pathlib import Path
 
 import torch
 
+from .checks import int_in_range, shown
+from .config import DEFAULT_MODELS
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
-from .models import META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
+from .models import (DEFAULT_MODEL, META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier,
+                     load_classifier)
+from .refs import local_dir
 from .taskspec import TASK_SPECS, task_spec
 
 _lock = threading.Lock()
 
 
 def model_dir_of(checkpoint: str | Path) -> Path | None:
-    """A run directory or a model folder -> the folder holding mmdemo.json; None for anything else."""
-    path = Path(str(checkpoint))
+    """A run directory or a model folder (an absolute path) -> the folder holding mmdemo.json; None for
+    anything else."""
+    path = local_dir(checkpoint)
+    if path is None:
+        return None
     for candidate in (path / "model", path):
         if (candidate / META_FILE).is_file():
             return candidate
@@ -34,19 +41,24 @@ def load_predictor(checkpoint: str | Path | None = None, task: str = "classifica
     """The model for ``checkpoint`` and ``task``, cached. "" / None: the offline ImageNet classifier
     for classification; captioning and VQA have no usable model before fine-tuning."""
     checkpoint = str(checkpoint or "").strip()
+    if checkpoint == DEFAULT_MODEL and task == "classification":
+        checkpoint = ""  # the registry name of the default: its ImageNet head, not the Hub
+    elif checkpoint in DEFAULT_MODELS.values():
+        raise UserInputError(f"'{checkpoint}' is a base model to fine-tune: it has not learned {task} yet. Fine-tune "
+                             f"it on a {task} dataset first and use that run.")
     model_dir = model_dir_of(checkpoint) if checkpoint else None
     if model_dir is not None:
         trained_for = json.loads((model_dir / META_FILE).read_text()).get("task", "classification")
         if trained_for != task:
-            raise UserInputError(f"This checkpoint was trained for {trained_for}, not {task}: use it on the "
-                                 f"{TAB_OF.get(trained_for, trained_for)} tab, or pick a {task} run.")
+            raise UserInputError(f"This checkpoint was trained for {trained_for}, not {task}: use it for "
+                                 f"{trained_for}, or choose a {task} run.")
         # The folder's mtime is part of the key, so a run that is saved again is reloaded.
         return _cached(str(model_dir), model_dir.stat().st_mtime_ns, task)
-    if checkpoint and Path(checkpoint).exists():
+    if local_dir(checkpoint) is not None:
         raise UserInputError(f"'{Path(checkpoint).name}' holds no trained model yet; wait for the run to finish.")
     if not checkpoint and task_spec(task).hub_example:  # a task with no offline predictor
-        raise UserInputError(f"No {task} model yet: fine-tune one on your data (Train tab, task '{task}'), then pick "
-                             f"its run here, or give a Hub model id such as {HUB_EXAMPLES[task]} (needs the Hub).")
+        raise UserInputError(f"No {task} model yet: fine-tune one on a {task} dataset and use its run, or give a "
+                             f"Hub model id such as {HUB_EXAMPLES[task]} (needs the Hub).")
     return _cached(checkpoint, 0, task)
 
 
@@ -62,7 +74,7 @@ def load_classifier_predictor(key: str, task: str = "classification") -> Classif
     """The classifier of a folder or a Hub id; "" the offline ImageNet one (the task registry's predictor)."""
     if not key:
         return imagenet_classifier()
-    if Path(key).is_dir():
+    if local_dir(key):
         return load_classifier(key)
     return _hub_classifier(key)
 
@@ -99,9 +111,16 @@ def _on_device(model):
     return device
 
 
+# Parameter ranges; 0 means the default. Past 256 new tokens or 8 beams a request holds the model for
+# long without a better caption or answer.
+DEFAULT_TOP_K, MAX_TOP_K = 5, 1000
+DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS = {"captioning": 30, "vqa": 10}, 256
+MAX_BEAMS = 8
+
+
 def _check_images(images) -> list:
     if not images or any(image is None for image in images):
-        raise UserInputError("No image given: drop an image first.")
+        raise UserInputError("No image given: give an image to predict on.")
     return list(images)
 
 
@@ -112,9 +131,10 @@ def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5)
     Args:
         images: PIL images (any mode, any size).
         checkpoint: a run directory, a model folder, a Hub id, or None for the ImageNet default.
-        top_k: how many labels to return per image.
+        top_k: how many labels to return per image, 1 to 1000 (at most the model's labels); 0: 5.
     """
     images = _check_images(images)
+    top_k = int_in_range("top_k", top_k, 1, MAX_TOP_K, DEFAULT_TOP_K)
     clf = load_predictor(checkpoint, "classification")
     pre = clf.preprocess
     x = torch.stack([resize_center_crop(image, pre.image_size, pre.crop_pct) for image in images])
@@ -122,7 +142,7 @@ def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5)
         device = _on_device(clf)
         x = normalize(x.to(device, non_blocking=True), pre.mean, pre.std, clf.channels_last_input)
         probs = clf(x).float().softmax(-1).cpu()
-    top = probs.topk(min(int(top_k), probs.shape[-1]))
+    top = probs.topk(min(top_k, probs.shape[-1]))
     return [{clf.labels[i]: round(float(p), 5) for p, i in zip(values, indices)}
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
@@ -138,7 +158,12 @@ def generate_batch(images, questions: list[str] | None, checkpoint: str | Path |
     """Captions (``questions`` None) or answers (one question per image) for several PIL images at once."""
     images = _check_images(images)
     task = "captioning" if questions is None else "vqa"
+    max_new_tokens = int_in_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS[task])
+    num_beams = int_in_range("num_beams", num_beams, 1, MAX_BEAMS, 1)
     if questions is not None:
+        wrong = next((q for q in questions if q is not None and not isinstance(q, str)), None)
+        if wrong is not None:
+            raise UserInputError(f"question must be text (got {shown(wrong)})")
         questions = [(q or "").strip() for q in questions]
         if len(questions) != len(images) or not all(questions):
             raise UserInputError("Type a question about the image first.")
@@ -146,7 +171,7 @@ def generate_batch(images, questions: list[str] | None, checkpoint: str | Path |
     pixels = torch.stack([resize_center_crop(image, model.preprocess.image_size) for image in images])
     with _lock:
         _on_device(model)
-        return model.generate(pixels, questions, int(max_new_tokens), int(num_beams))
+        return model.generate(pixels, questions, max_new_tokens, num_beams)
 
 
 def caption(image, checkpoint: str | Path | None = None, max_new_tokens: int = 30, num_beams: int = 1) -> str:

@@ -198,10 +198,12 @@ def _eta(train: list[dict], total: int) -> float | None:
 
 def new_run_config(workspace, dataset_dir, **params) -> TrainConfig:
     """A validated config for a new run directory in ``workspace`` (nothing written yet)."""
-    params = {k: v for k, v in params.items() if v not in (None, "")}
-    base = str(params.get("base_model", "")).strip()
-    if ID_RE.match(base):  # a previous run of this workspace: continue fine-tuning it
-        params["base_model"] = str(find_run(workspace, base))
+    from .refs import local_models_allowed, resolve_model_ref
+
+    params = {k: v for k, v in params.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    if "base_model" in params:  # a run id of this workspace continues that run; never another user's folder
+        params["base_model"] = resolve_model_ref(params["base_model"], workspace, field="base_model",
+                                                 allow_local=local_models_allowed())
     run_dir = runs_dir(workspace) / uuid.uuid4().hex
     return TrainConfig(data=str(dataset_dir), output_dir=str(run_dir), **params)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .families import get_family, register_family, resolve_family
+from .refs import local_dir
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_HINT = (f"Available offline: '{DEFAULT_MODEL}' (ImageNet weights shipped in a package), "
@@ -86,8 +87,8 @@ def build_classifier(base_model: str, labels: list[str], pretrained: bool = True
         identity only when continuing a previous run whose labels are kept or extended).
     """
     name = (base_model or DEFAULT_MODEL).strip()
-    path = Path(name)
-    if name != DEFAULT_MODEL and path.is_dir():
+    path = local_dir(name)  # only an absolute path is a folder: a Hub id never reads a relative one
+    if name != DEFAULT_MODEL and path is not None:
         if (path / "model" / META_FILE).is_file():
             path = path / "model"  # a run directory
         if (path / META_FILE).is_file():
@@ -167,14 +168,14 @@ class TimmFamily(ClassifierFamily):
 
     @classmethod
     def matches(cls, name: str) -> bool:
-        path = Path(name)
-        if path.is_dir():
+        path = local_dir(name)
+        if path is not None:
             return "architecture" in _read_json(path / "config.json")  # a timm folder (save_for_hf layout)
         return _is_timm_name(name)
 
     @classmethod
     def build(cls, name, labels, pretrained) -> Classifier:
-        if not Path(name).is_dir():
+        if local_dir(name) is None:
             return _build_timm(name, labels, pretrained)
         import timm
 
@@ -223,7 +224,7 @@ class TransformersFamily(ClassifierFamily):
 
     @classmethod
     def build(cls, name, labels, pretrained) -> Classifier:
-        if Path(name).is_dir():
+        if local_dir(name) is not None:
             return _build_transformers(name, labels, True, local=True)
         return _build_transformers(name, labels, pretrained)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_UPLOAD = os.environ.get("MMDEMO_MAX_UPLOAD", "500mb")
 
 
 _manager_lock = threading.Lock()
+log = logging.getLogger("mmdemo.app")
 
 
 def manager():
@@ -48,7 +50,9 @@ _manager = None
 
 
 def user_errors(fn):
-    """Engine UserInputErrors become gr.Error, shown to the user (and to API clients) verbatim."""
+    """Engine UserInputErrors become gr.Error, shown to the user (and to API clients) verbatim; any other
+    exception becomes a gr.Error that names only its type (no traceback, no server path), and its
+    traceback goes to the log for the operator. Every UI handler and API endpoint goes through this."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,6 +60,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserInputError as e:
             raise gr.Error(str(e)) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - the caller gets a message, the operator the traceback
+            log.exception("Unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Something went wrong on the server ({type(e).__name__}); it has been logged for "
+                           "the operator. Try again, or with other input.") from None
 
     return wrapper
 
@@ -79,16 +89,10 @@ def file_path(file) -> str:
 
 
 def read_image(file):
-    """An uploaded image file -> a loaded PIL image, or a UserInputError naming the file."""
-    from PIL import Image
+    """An uploaded image file -> a loaded PIL image, or a UserInputError naming the file (or its size limit)."""
+    from mmdemo.data import open_image
 
-    path = file_path(file)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (OSError, ValueError):
-        raise UserInputError(f"Could not read the image '{Path(path).name}': send a JPEG, PNG or WebP file.") from None
+    return open_image(file_path(file))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,18 +132,13 @@ def do_stop(workspace: Path, run_id: str) -> dict:
 
 
 def resolve_checkpoint(workspace: Path, checkpoint: str) -> str | None:
-    """A run id of this user -> its run directory; a Hub id as is; "" -> None (the default).
-    Never a path: user text must not reach the filesystem."""
-    from mmdemo.jobs import ID_RE, find_run
+    """A run id of this user -> its run directory; a model name or Hub id as is; "" -> None (the default).
+    Never a path (unless MMDEMO_ALLOW_LOCAL_MODELS=1): see mmdemo.refs."""
+    from mmdemo.refs import local_models_allowed, resolve_model_ref
 
-    checkpoint = (checkpoint or "").strip()
-    if checkpoint == DEFAULT_CHECKPOINT or not checkpoint:
+    if isinstance(checkpoint, str) and checkpoint.strip() == DEFAULT_CHECKPOINT:
         return None
-    if ID_RE.match(checkpoint.split(" ")[0]):
-        return str(find_run(workspace, checkpoint.split(" ")[0]))
-    if checkpoint.startswith((".", "/", "~")) or "\\" in checkpoint or ".." in checkpoint:
-        raise UserInputError("A checkpoint is a run id of yours, a Hub model id, or empty for the default.")
-    return checkpoint
+    return resolve_model_ref(checkpoint, workspace, field="checkpoint", allow_local=local_models_allowed()) or None
 
 
 def on_gpu(fn):
@@ -156,14 +155,14 @@ def on_gpu(fn):
 def do_classify(workspace: Path, image, checkpoint: str, top_k: int = 5) -> dict:
     from mmdemo.inference import classify
 
-    return classify(image, resolve_checkpoint(workspace, checkpoint), int(top_k or 5))
+    return classify(image, resolve_checkpoint(workspace, checkpoint), top_k)
 
 
 @on_gpu
 def do_caption(workspace: Path, image, checkpoint: str, max_new_tokens: int = 30, num_beams: int = 1) -> str:
     from mmdemo.inference import caption
 
-    return caption(image, resolve_checkpoint(workspace, checkpoint), int(max_new_tokens or 30), int(num_beams or 1))
+    return caption(image, resolve_checkpoint(workspace, checkpoint), max_new_tokens, num_beams)
 
 
 @on_gpu
@@ -171,8 +170,7 @@ def do_answer(workspace: Path, image, question: str, checkpoint: str, max_new_to
               num_beams: int = 1) -> str:
     from mmdemo.inference import answer
 
-    return answer(image, question, resolve_checkpoint(workspace, checkpoint), int(max_new_tokens or 10),
-                  int(num_beams or 1))
+    return answer(image, question, resolve_checkpoint(workspace, checkpoint), max_new_tokens, num_beams)
 
 
 def do_push(workspace: Path, run_id: str, repo_id: str, token: str, private: bool) -> dict:

@@ -14,12 +14,12 @@ from mmdemo.errors import UserInputError
 from mmdemo.taskspec import TASK_SPECS, task_spec
 
 from . import classification, text  # noqa: F401 - the ingest modules the task registry names, loaded as before
-from .decode import to_rgb
+from .decode import open_image, to_rgb
 from .disk import DatasetSummary, find_dataset, load_splits, load_summary, preview_images, save_dataset
 from .upload import hub_dataset_id
 
 __all__ = ["MAX_PIXELS", "TASKS", "DatasetSummary", "find_dataset", "ingest_dataset", "load_splits", "load_summary",
-           "preview_images", "to_rgb"]
+           "open_image", "preview_images", "to_rgb"]
 
 TASKS = tuple(TASK_SPECS)
 MAX_PIXELS = 89_000_000  # Pillow's own bomb limit: bigger headers are skipped before decoding (read at call time)
@@ -50,13 +50,31 @@ def ingest_dataset(source, workspace, task="classification", *, val_fraction=0.2
     workspace = Path(workspace).resolve()
     dataset_id = uuid.uuid4().hex
     work = workspace / "tmp" / dataset_id
-    work.mkdir(parents=True)
+    # A failed ingest leaves no empty folders: tmp/, and the workspace itself when this call made it.
+    leftovers = [work.parent] + ([] if workspace.exists() else [workspace])
+    _make_dir(work)
     try:
         options = {"val_fraction": val_fraction, "seed": seed, "max_side": max_side}
         result = task_spec(task).resolve("ingest")(source, work, task, **options)
         return save_dataset(*result, task, workspace, work, dataset_id, hub_dataset_id(source) or "")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in leftovers:
+            try:
+                folder.rmdir()  # only if empty: a dataset saved, or another ingest under way, keeps it
+            except OSError:
+                pass
+
+
+def _make_dir(path: Path, tries: int = 3) -> None:
+    # Another ingest may remove the empty parent between its creation and ours: create it again.
+    for attempt in range(tries):
+        try:
+            path.mkdir(parents=True)
+            return
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
 
 
 def _check_arguments(task, val_fraction, max_side):

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+from pathlib import Path
 
 from mmdemo.errors import UserInputError
 
@@ -44,6 +45,34 @@ def decode_image(ref, source, max_side) -> dict:
     image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     digest = hashlib.sha1(image.tobytes() + str(image.size).encode()).hexdigest()
     return {"image": {"bytes": buffer.getvalue(), "path": source}, "digest": digest, "error": ""}
+
+
+def open_image(path, name: str | None = None):
+    """An image file to predict on -> a loaded PIL image, or a UserInputError naming the file. A file over
+    MAX_PIXELS is refused from its header, before its pixels are decoded."""
+    import warnings
+
+    from PIL import Image
+
+    from mmdemo import data
+
+    name = name or Path(str(path)).name
+    too_large = UserInputError(f"'{name}' has more than {data.MAX_PIXELS:,} pixels, the limit for an image; scale it "
+                               "down (e.g. to 4000 x 4000) and try again.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as image:
+                if image.width * image.height > data.MAX_PIXELS:
+                    raise too_large
+                image.load()
+                return image.copy()
+    except UserInputError:
+        raise
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except (OSError, ValueError, SyntaxError, EOFError):  # what Pillow's decoders raise for a bad file
+        raise UserInputError(f"Could not read the image '{name}': use a JPEG, PNG or WebP file.") from None
 
 
 def _open_rgb(ref, max_side):

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserInputError
 from ..families import families, get_family, resolve_family
 from ..models import META_FILE, Preprocess
+from ..refs import local_dir
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 from .composed import ComposedCaptioner, minilm_path
 from .hf import HFImageText
@@ -39,8 +40,8 @@ LORA_TARGETS = {name: list(cls.lora_targets) for name, cls in families("image-te
 def build_image_text_model(task: str, base_model: str, image_size: int = 0, pretrained: bool = True) -> ImageTextModel:
     """The model for ``task`` (captioning / vqa) from a registry name, a Hub id or a folder."""
     name = (base_model or DEFAULT_TEXT_MODEL).strip()
-    path = Path(name)
-    if path.is_dir():
+    path = local_dir(name)  # only an absolute path is a folder: a Hub id never reads a relative one
+    if path is not None:
         model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
         if (model_dir / META_FILE).is_file():
             return load_image_text_model(model_dir, expect_task=task)
@@ -53,7 +54,7 @@ def build_image_text_model(task: str, base_model: str, image_size: int = 0, pret
 
 def load_text_predictor(key: str, task: str) -> ImageTextModel:
     """The inference model of a captioning / VQA folder or Hub id (the task registry's predictor)."""
-    return load_image_text_model(key) if Path(key).is_dir() else HFImageText.build(task, key)
+    return load_image_text_model(key) if local_dir(key) else HFImageText.build(task, key)
 
 
 def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_alpha: int = 16) -> ImageTextModel:
