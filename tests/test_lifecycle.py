@@ -141,7 +141,7 @@ def test_children_of_a_killed_app_are_adopted_counted_stopped_and_resumed(tmp_pa
             client.predict(run_id=run_id, api_name="/stop_training")
             stopped = wait_finished(client, run_id, 120)
             assert stopped["status"] == "stopped", stopped
-            assert not child_alive(run_dir, status)
+            wait_until(lambda: not child_alive(run_dir, status), 60, "the adopted child exited")
             # Its slot is free: the queued run starts and completes.
             assert wait_finished(client, second_run, 300)["status"] == "completed"
 
