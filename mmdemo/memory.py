@@ -19,11 +19,11 @@ from .errors import UserInputError
 MB = 2**20
 # Fitted on 2 CPU cores, torch 2.14 (bench/memory_estimate.py): RSS of a child that has imported
 # everything and built its model and data, less the weights and the dataset.
-BASE_BYTES = {"classifier": 700 * MB, "composed": 940 * MB, "other": 1200 * MB}
+BASE_BYTES = {"classifier": 930 * MB, "composed": 940 * MB, "other": 1200 * MB}
 # Bytes of activation memory per training sample and per input pixel (image_size^2). The composed
 # captioner's frozen encoder runs once over the dataset (features cached, FEATURE_BYTES) and its
 # decoder's cross-attention grows with the image tokens, (image_size / 32)^2.
-ACTIVATION_BYTES = {"classifier": 300.0, "composed": 490.0, "other": 400.0}
+ACTIVATION_BYTES = {"classifier": 1750.0, "composed": 490.0, "other": 2000.0}
 FEATURE_BYTES = 1280 * 4  # per image token: EfficientNet-Lite0's last feature map, fp32
 # (total, trainable when frozen_vision / head) parameters of the models the app offers, so that the
 # estimate needs no model build in the server process.
