@@ -32,4 +32,6 @@ __all__ = ["BASE_MODELS", "DEFAULT_CHECKPOINT", "EXAMPLES", "MAX_UPLOAD", "METHO
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.queue(default_concurrency_limit=4).launch(max_file_size=MAX_UPLOAD)
+    from ui.lifecycle import serve
+
+    serve(demo.queue(default_concurrency_limit=4), max_file_size=MAX_UPLOAD)

@@ -113,21 +113,57 @@ def _wait_for(path: Path, timeout: float = 3600) -> None:
 
 
 def _run_train(args) -> int:
-    from .training import train, write_status
+    from .procs import apply_child_limits
+
+    apply_child_limits()  # before torch loads, so that every allocation of this process counts
+    stop = _StopOnSignal()
+    from .training import STATUS_FILE, resume_advice, train, write_status
+    from .workspace import read_json
 
     cfg = None
     try:
         cfg = _config_from_args(args)
+        stop.watch(Path(cfg.output_dir))
         result = train(cfg)
     except BaseException as e:  # noqa: BLE001 - every failure must reach status.json
         if cfg is not None and isinstance(e, Exception):
-            write_status(Path(cfg.output_dir), "failed", message=_failure_message(e))
+            write_status(Path(cfg.output_dir), "failed", message=_failure_message(e, Path(cfg.output_dir)))
         if isinstance(e, UserInputError):
             print(f"error: {cli_wording(str(e))}", file=sys.stderr)
             return 2
         raise
+    run_dir = Path(cfg.output_dir)
+    if stop.signalled and read_json(run_dir / STATUS_FILE).get("status") == "stopped":
+        write_status(run_dir, "stopped",
+                     message=f"Stopped by a termination signal (the app shutting down). {resume_advice(run_dir)}")
     print(json.dumps({"output_dir": cfg.output_dir, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}))
     return 0
+
+
+class _StopOnSignal:
+    """SIGTERM (the app shutting down) becomes the cooperative stop request: the STOP file the loop
+    checks at every step boundary, so the run writes a checkpoint and exits instead of dying mid-step."""
+
+    def __init__(self):
+        import signal
+
+        self.signalled, self.run_dir = False, None
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def watch(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        if self.signalled:  # the signal came while the config was being read
+            self._request()
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+        if self.run_dir is not None:
+            self._request()
+
+    def _request(self) -> None:
+        from .training import STOP_FILE
+
+        (self.run_dir / STOP_FILE).touch()
 
 
 # How an allocation failure reads when it is not a torch.OutOfMemoryError: the CPU allocator's
@@ -135,7 +171,7 @@ def _run_train(args) -> int:
 OOM_TEXTS = ("can't allocate memory", "cannot allocate memory", "out of memory", "unable to allocate")
 
 
-def _failure_message(e: Exception) -> str:
+def _failure_message(e: Exception, run_dir: Path | None = None) -> str:
     import torch
 
     if isinstance(e, UserInputError):
@@ -148,7 +184,10 @@ def _failure_message(e: Exception) -> str:
         return (f"Out of {where}: a batch did not fit. Start a new run with a smaller batch size (e.g. half), a "
                 "smaller image size, or the 'lora' or 'head' method (far fewer gradients and optimizer states to "
                 "hold). The training process has exited, so its memory is free again.")
-    return f"Training failed: {type(e).__name__}: {e}. The last checkpoint is kept; see train.log."
+    from .training import resume_advice
+
+    advice = resume_advice(run_dir) + " " if run_dir is not None else ""
+    return f"Training failed: {type(e).__name__}: {e}. {advice}See train.log."
 
 
 def _run_predict(args) -> int:

@@ -90,7 +90,7 @@ class AppProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)  # the app gives its training runs up to 30 s to checkpoint
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

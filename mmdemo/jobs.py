@@ -17,10 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
+from . import procs
 from .config import TrainConfig
 from .errors import UserInputError
-from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, write_status
-from .workspace import read_json
+from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, resume_advice, write_status
+from .workspace import data_dir, read_json
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ACTIVE = ("queued", "running")
@@ -41,13 +42,20 @@ def find_run(workspace, run_id: str) -> Path:
 
 class JobManager:
     """Starts training children, at most ``max_concurrent`` at a time (one GPU job by default);
-    the rest wait in a FIFO queue that a background thread drains."""
+    the rest wait in a FIFO queue that a background thread drains.
 
-    def __init__(self, max_concurrent: int | None = None):
+    At start it adopts the children that a previous app process left running under ``root`` (the
+    data directory): they count against the limit, show as running and can be stopped. ``shutdown``
+    stops every child at its next step boundary (a checkpoint) when the app exits."""
+
+    def __init__(self, max_concurrent: int | None = None, root: Path | None = None):
         self.max_concurrent = max_concurrent or int(os.environ.get("MMDEMO_MAX_JOBS", "1"))
         self._procs: dict[Path, subprocess.Popen] = {}
+        self._adopted: dict[Path, tuple[int, int | None]] = {}  # run dir -> (pid, start time)
         self._queue: list[Path] = []
         self._lock = threading.Lock()
+        self._closing = False
+        self._adopted.update(procs.live_children(Path(root) if root else data_dir()))
         self._thread = threading.Thread(target=self._drain_forever, daemon=True)
         self._thread.start()
 
@@ -65,7 +73,10 @@ class JobManager:
 
     def is_alive(self, run_dir: Path) -> bool:
         proc = self._procs.get(Path(run_dir))
-        return proc is not None and proc.poll() is None
+        if proc is not None:
+            return proc.poll() is None
+        adopted = self._adopted.get(Path(run_dir))
+        return adopted is not None and procs.is_training_child(*adopted, Path(run_dir) / "config.yaml")
 
     def stop(self, run_dir: Path) -> None:
         run_dir = Path(run_dir)
@@ -87,28 +98,71 @@ class JobManager:
                 if proc.poll() is not None:
                     del self._procs[run_dir]
                     _mark_crashed(run_dir, proc.returncode)
-            while self._queue and len(self._procs) < self.max_concurrent:
+            for run_dir in list(self._adopted):
+                if not self.is_alive(run_dir):
+                    del self._adopted[run_dir]
+                    _mark_crashed(run_dir, None)
+            while (self._queue and not self._closing
+                   and len(self._procs) + len(self._adopted) < self.max_concurrent):
                 run_dir = self._queue.pop(0)
                 self._procs[run_dir] = _launch(run_dir)
 
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stops every child at its next step boundary (SIGTERM: it writes a checkpoint and exits),
+        kills those still alive after ``grace`` seconds (MMDEMO_STOP_GRACE_S, default 30), and leaves
+        each run stopped and resumable; queued runs stay unstarted, resumable too. Launches nothing more."""
+        grace = procs.settings()["stop_grace_s"] if grace is None else grace
+        with self._lock:
+            self._closing = True
+            queued, self._queue = self._queue, []
+            children = {run_dir: (proc.pid, read_status_file(run_dir).get("pid_start"))
+                        for run_dir, proc in self._procs.items()}
+            children.update(self._adopted)
+        for run_dir in queued:
+            write_status(run_dir, "stopped", message="Not started: the app shut down first. Press Resume to start it.")
+        killed = procs.end_processes([(*c, run_dir / "config.yaml") for run_dir, c in children.items()], grace)
+        with self._lock:
+            for proc in self._procs.values():
+                proc.wait()  # reaped: no zombie, and its return code known
+            for run_dir in children:
+                if read_status_file(run_dir).get("status") in ACTIVE:
+                    why = (f"it did not stop within {grace:g} s and was ended" if (*children[run_dir],
+                           run_dir / "config.yaml") in killed else "it ended before its status was written")
+                    write_status(run_dir, "stopped",
+                                 message=f"Interrupted: the app shut down and {why}. {resume_advice(run_dir)}")
+
 
 def _launch(run_dir: Path) -> subprocess.Popen:
-    # The same command a user runs headless; its output goes to train.log for post-mortems.
+    # The same command a user runs headless; its output goes to train.log for post-mortems. It sets
+    # its own lower priority, thread count and memory limit from the environment (procs.child_env).
     log = open(run_dir / "train.log", "ab")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = procs.child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen([sys.executable, "-m", "mmdemo", "train", "--config", str(run_dir / "config.yaml")],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     log.close()
-    write_status(run_dir, "running", message="Starting: loading the data and the model.", pid=proc.pid)
+    # The start time tells this child from a process that gets its pid after it is gone.
+    write_status(run_dir, "running", message="Starting: loading the data and the model.", pid=proc.pid,
+                 pid_start=procs.process_start_time(proc.pid))
     return proc
 
 
-def _mark_crashed(run_dir: Path, returncode: int) -> None:
+def child_alive(run_dir: Path, status: dict) -> bool:
+    """Whether the child that status.json names still runs this run (pid, start time and command line)."""
+    return procs.is_training_child(status.get("pid"), status.get("pid_start"), Path(run_dir) / "config.yaml")
+
+
+def _mark_crashed(run_dir: Path, returncode: int | None) -> None:
     status = read_status_file(run_dir)
     if status.get("status") in ACTIVE:
-        write_status(run_dir, "failed", message=f"The training process exited unexpectedly (exit code "
-                     f"{returncode}). The last checkpoint is kept: press Resume to continue. {_log_tail(run_dir)}")
+        if returncode is None:  # an adopted child: not ours to wait for
+            how = "The training process ended without writing its status"
+        elif returncode == -9:
+            how = ("The training process was killed (SIGKILL), most often by the system running out of memory: "
+                   "start a new run with a smaller batch size or image size")
+        else:
+            how = f"The training process exited unexpectedly (exit code {returncode})"
+        write_status(run_dir, "failed", message=f"{how}. {resume_advice(run_dir)} {_log_tail(run_dir)}".strip())
 
 
 def _log_tail(run_dir: Path, lines: int = 3) -> str:
@@ -151,7 +205,7 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
     status = read_status_file(run_dir)
     state = status.get("status", "queued")
     live = manager is not None and manager.is_alive(run_dir)
-    if state == "running" and not live and not pid_alive(status.get("pid")):
+    if state == "running" and not live and not child_alive(run_dir, status):
         # The app restarted (or the child died unseen): the directory says running, nothing runs.
         state = "failed"
         status["message"] = "Interrupted: the app restarted while this run was training. Press Resume to continue."
@@ -209,12 +263,34 @@ def new_run_config(workspace, dataset_dir, **params) -> TrainConfig:
 
 
 def start_training(cfg: TrainConfig, manager: JobManager) -> str:
-    """Writes the run directory's config and queues the child; returns the run id."""
+    """Writes the run directory's config and queues the child; returns the run id.
+
+    Refuses (UserInputError) a run whose estimated peak memory exceeds what it can get; a run close
+    to it starts with ``memory_warning`` in its status.json (see memory_warning)."""
+    warning = check_run_memory(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    write_status(run_dir, "queued", memory_warning=warning)
     manager.submit(run_dir)
     return run_dir.name
+
+
+def check_run_memory(cfg: TrainConfig) -> str:
+    """memory.check_memory for ``cfg`` on its ingested dataset: "" when it fits well, else a warning."""
+    from .data import load_summary
+    from .memory import check_memory
+
+    try:
+        summary = load_summary(cfg.data)
+    except (UserInputError, OSError, ValueError):
+        return ""  # not an ingested dataset: the child reports what is wrong with it
+    return check_memory(cfg, summary.num_train + summary.num_val)
+
+
+def memory_warning(run_dir: Path) -> str:
+    """The warning start_training gave for a run that may run out of memory ("" for none)."""
+    return read_status_file(run_dir).get("memory_warning") or ""
 
 
 def resume_training(run_dir: Path, manager: JobManager) -> dict:
@@ -290,6 +366,4 @@ def estimate_cpu_seconds(summary, cfg: TrainConfig) -> float:
 
 def has_gpu() -> bool:
     """Whether an NVIDIA GPU is visible, without importing torch (the page must serve first)."""
-    import shutil
-
-    return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
+    return procs.gpu_visible()

@@ -29,6 +29,24 @@ from .tasks import make_task
 STOP_FILE, STATUS_FILE, METRICS_FILE, LATEST_FILE = "STOP", "status.json", "metrics.jsonl", "latest"
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the checkpoint that ``latest`` names, or None when there is no complete one."""
+    try:
+        name = (Path(run_dir) / LATEST_FILE).read_text().strip()
+        step = int(name.removeprefix("checkpoint-"))
+    except (OSError, ValueError):
+        return None
+    return step if (Path(run_dir) / name / "state.json").is_file() else None
+
+
+def resume_advice(run_dir: Path) -> str:
+    """What Resume will do for this run: continue from its checkpoint, or start again without one."""
+    step = checkpoint_step(run_dir)
+    if step is None:
+        return "No checkpoint was saved yet: press Resume to start it again from the beginning."
+    return f"The checkpoint at step {step} is kept: press Resume to continue from it."
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Readers (the UI polling status) never see a half-written file: temp file + rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

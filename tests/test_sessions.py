@@ -116,13 +116,22 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def live_child(run: Path) -> subprocess.Popen:
+    """A live process with a training child's command line for ``run`` (it only sleeps), recorded in its status."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "mmdemo", "train",
+                             "--config", str(run / "config.yaml")])
+    (run / "status.json").write_text(json.dumps({"status": "running", "pid": proc.pid}))
+    return proc
+
+
 def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
     monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("MMDEMO_WORKSPACE_TTL_HOURS", raising=False)
     old = make_workspace("old")
     finished = make_workspace("finished", {"status": "completed"})
     crashed = make_workspace("crashed", {"status": "running", "pid": dead_pid()})  # the app died with it
-    running = make_workspace("running", {"status": "running", "pid": os.getpid()})  # a live child
+    running = make_workspace("running", {"status": "running"})
+    live = live_child(next((running / "runs").iterdir()))
     queued = make_workspace("queued", {"status": "queued"})
     recent = make_workspace("recent")
     touched = make_workspace("touched")
@@ -147,6 +156,8 @@ def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
     monkeypatch.setenv("MMDEMO_WORKSPACE_TTL_HOURS", "0")  # 0: keep everything
     age(recent, 10_000)
     assert cleanup_workspaces() == []
+    live.kill()
+    live.wait()
 
 
 def test_the_app_starts_the_cleanup_with_its_job_manager(tmp_path, monkeypatch):

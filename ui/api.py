@@ -22,7 +22,10 @@ def api_start_training(dataset_id: str, base_model: str = "", method: str = "", 
     run_id = do_start_training(api_workspace(request), dataset_id, base_model=base_model, method=method or None,
                                epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                                image_size=image_size, max_steps=max_steps)
-    return {"run_id": run_id}
+    from mmdemo.jobs import find_run, memory_warning
+
+    warning = memory_warning(find_run(api_workspace(request), run_id))
+    return {"run_id": run_id, **({"memory_warning": warning} if warning else {})}
 
 
 def api_training_status(run_id: str, request: gr.Request = None) -> dict:

@@ -49,6 +49,18 @@ def manager():
 _manager = None
 
 
+def shutdown_jobs() -> None:
+    """Stops this server's training children and those it adopted (JobManager.shutdown); without a job
+    manager yet, only if a child from an earlier app process still runs (no torch import otherwise)."""
+    from mmdemo.procs import live_children
+
+    with _manager_lock:
+        current = _manager
+    if current is None and not live_children(ws.data_dir()):
+        return
+    (current or manager()).shutdown()
+
+
 def user_errors(fn):
     """Engine UserInputErrors become gr.Error, shown to the user (and to API clients) verbatim; any other
     exception becomes a gr.Error that names only its type (no traceback, no server path), and its

@@ -1,0 +1,137 @@
+"""A run's peak memory, estimated before it starts, against what the machine can give it.
+
+    peak ~ base + weights + (gradients + AdamW states of the trainable ones)
+           + batch x image_size^2 x a per-family activation factor + the decoded dataset
+
+The base (python, torch, the libraries, allocator slack) and the activation factors are fitted to the
+peak RSS of short real runs on the CPU (bench/memory_estimate.py prints measured against estimated).
+On a GPU the weights, states and activations live in VRAM: the same sum is compared with the device's
+free memory, and only the base and the dataset with the host's RAM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import procs
+from .errors import UserInputError
+
+MB = 2**20
+# Fitted on 2 CPU cores, torch 2.14 (bench/memory_estimate.py): RSS of a child that has imported
+# everything and built its model and data, less the weights and the dataset.
+BASE_BYTES = {"classifier": 930 * MB, "composed": 940 * MB, "other": 1200 * MB}
+# Bytes of activation memory per training sample and per input pixel (image_size^2). The composed
+# captioner's frozen encoder runs once over the dataset (features cached, FEATURE_BYTES) and its
+# decoder's cross-attention grows with the image tokens, (image_size / 32)^2.
+ACTIVATION_BYTES = {"classifier": 1750.0, "composed": 490.0, "other": 2000.0}
+FEATURE_BYTES = 1280 * 4  # per image token: EfficientNet-Lite0's last feature map, fp32
+# (total, trainable when frozen_vision / head) parameters of the models the app offers, so that the
+# estimate needs no model build in the server process.
+KNOWN_PARAMS = {"efficientnet_lite0": 3.4e6, "resnet18": 11.2e6, "google/vit-base-patch16-224-in21k": 86e6,
+                "efficientnet_lite0+minilm": 30.2e6, "Salesforce/blip-image-captioning-base": 247e6,
+                "microsoft/git-base": 177e6, "Salesforce/blip-vqa-base": 385e6,
+                "HuggingFaceTB/SmolVLM-256M-Instruct": 256e6}
+VISION_SHARE = {"efficientnet_lite0+minilm": 0.11}  # the frozen encoder's share of the parameters
+TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01}
+DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite0+minilm": 128}
+WARN_SHARE = 0.7  # warn above this share of the memory available, refuse above all of it
+
+
+def estimate(cfg, num_images: int) -> dict:
+    """The peak memory of ``cfg`` with ``num_images`` decoded images (train + validation), in bytes,
+    with its parts."""
+    family = _family(cfg)
+    size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.base_model, 224)
+    total, trainable = _parameters(cfg)
+    weights = 4 * total
+    states = 12 * trainable  # fp32 gradient + AdamW's two moments
+    activations = ACTIVATION_BYTES[family] * cfg.batch_size * size * size
+    dataset = 3 * size * size * num_images  # uint8 tensors at image_size
+    if family == "composed":
+        dataset += num_images * (size // 32) ** 2 * FEATURE_BYTES
+    parts = {"base": BASE_BYTES[family], "weights": weights, "gradients_and_optimizer": states,
+             "activations": activations, "dataset": dataset}
+    return {"bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()},
+            "image_size": size, "family": family}
+
+
+def _family(cfg) -> str:
+    if cfg.task == "classification":
+        return "classifier" if cfg.base_model in KNOWN_PARAMS or "/" not in cfg.base_model else "other"
+    return "composed" if cfg.base_model == "efficientnet_lite0+minilm" else "other"
+
+
+def _parameters(cfg) -> tuple[float, float]:
+    total = KNOWN_PARAMS.get(cfg.base_model) or _local_parameters(cfg.base_model) or _timm_parameters(cfg.base_model)
+    if cfg.method == "frozen_vision":
+        return total, total * (1 - VISION_SHARE.get(cfg.base_model, 0.3))
+    return total, total * TRAINABLE_SHARE.get(cfg.method, 1.0)
+
+
+def _local_parameters(base_model: str) -> float:
+    # A previous run to continue from: its saved weights (fp32) say how big it is.
+    model_dir = Path(base_model) / "model"
+    if not Path(base_model).is_absolute() or not model_dir.is_dir():
+        return 0.0
+    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors")) / 4
+
+
+def _timm_parameters(name: str) -> float:
+    """Counted on the meta device (no memory, no download); 0 where the name is no timm model."""
+    try:
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False)
+        return float(sum(p.numel() for p in net.parameters()))
+    except Exception:  # noqa: BLE001 - a Hub id or an unknown name: the estimate leaves the weights out
+        return 0.0
+
+
+def check_memory(cfg, num_images: int) -> str:
+    """Refuses (UserInputError) a run whose estimated peak exceeds the memory available to it, naming
+    both and a batch size / image size that would fit; returns a warning when it is close, else ""."""
+    est = estimate(cfg, num_images)
+    available, where = available_for_job()
+    if not available:
+        return ""
+    need = est["bytes"]
+    if procs.gpu_visible():  # weights, states and activations go to the GPU: the host holds the rest
+        need = est["parts"]["base"] + est["parts"]["dataset"]
+    if need > available:
+        raise UserInputError(
+            f"This run needs about {_gb(need)} of memory (batch_size {cfg.batch_size} at image_size "
+            f"{est['image_size']}), but {where} {_gb(available)}. {_what_fits(cfg, num_images, available)}")
+    if need > WARN_SHARE * available:
+        return (f"This run needs about {_gb(need)} of memory and {where} {_gb(available)}: it may run "
+                f"out. {_what_fits(cfg, num_images, WARN_SHARE * available, 'For headroom')}")
+    return ""
+
+
+def available_for_job() -> tuple[int, str]:
+    """The memory a new child can use and where it is: the machine's MemAvailable, capped by the
+    child's own limit (MMDEMO_JOB_MEMORY_LIMIT)."""
+    available, where = procs.available_memory_bytes(), "the machine has"
+    limit = procs.settings()["memory_limit"]
+    if limit and limit < available:
+        available, where = limit, "one training job may use (MMDEMO_JOB_MEMORY_LIMIT)"
+    return available, where
+
+
+def _what_fits(cfg, num_images: int, budget: float, lead: str = "Try") -> str:
+    from dataclasses import replace
+
+    size = estimate(cfg, num_images)["image_size"]
+    for batch in (cfg.batch_size // 2, cfg.batch_size // 4, 8, 4, 1):
+        if 1 <= batch < cfg.batch_size and estimate(replace(cfg, batch_size=batch), num_images)["bytes"] <= budget:
+            return f"{lead} batch_size {batch}, or a smaller image_size."
+    for smaller in (size // 2, 224, 160, 128, 64):
+        if 32 <= smaller < size and estimate(replace(cfg, batch_size=min(cfg.batch_size, 8), image_size=smaller),
+                                             num_images)["bytes"] <= budget:
+            return f"{lead} batch_size {min(cfg.batch_size, 8)} at image_size {smaller}."
+    return "Even a small batch would not fit: pick a smaller model or the 'head' / 'lora' method."
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"

@@ -1,0 +1,214 @@
+"""Training child processes as the operating system sees them (standard library only: the app and
+the child's first lines use it before torch loads).
+
+A run directory's status.json records the child's pid and its start time (field 22 of
+/proc/PID/stat, in clock ticks since boot); a process is that run's child only while the pid, the
+start time and the command line ``-m mmdemo train --config RUN/config.yaml`` all still match, so a
+pid the kernel recycled after an app crash is never mistaken for a live run.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+# The child writes a checkpoint and exits within this many seconds of a SIGTERM before it is killed.
+DEFAULT_STOP_GRACE_S = 30.0
+# Of the machine's RAM, the share one training child may hold: the rest keeps the server (and the OS)
+# alive when a run asks for too much.
+DEFAULT_MEMORY_FRACTION = 0.8
+CHILD_NICE = 10
+# Set by the parent for the child: the bytes of RLIMIT_DATA to apply before torch loads.
+CHILD_LIMIT_ENV, CHILD_NICE_ENV = "MMDEMO_CHILD_RLIMIT_DATA", "MMDEMO_CHILD_NICE"
+
+
+def settings(env=None) -> dict:
+    """The job settings from the environment, read in one place.
+
+    MMDEMO_STOP_GRACE_S: seconds a child has to stop after the app's SIGTERM (default 30).
+    MMDEMO_JOB_MEMORY_LIMIT: the memory one child may use: a fraction of RAM (``0.5``), megabytes
+    (``4096``, ``4096mb``), gigabytes (``8gb``) or ``0`` / ``off`` for none. Default: 0.8 of RAM on the
+    CPU; none where a GPU is visible, since CUDA reserves huge address ranges that a data limit may count.
+    MMDEMO_TRAIN_THREADS: CPU threads of a child (default: all cores, less one for the server when
+    there are more than two).
+    """
+    env = os.environ if env is None else env
+    total = total_memory_bytes()
+    raw = str(env.get("MMDEMO_JOB_MEMORY_LIMIT", "")).strip().lower()
+    limit = parse_memory_limit(raw, total) if raw else (None if gpu_visible() else int(total * DEFAULT_MEMORY_FRACTION))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = env.get("MMDEMO_TRAIN_THREADS", "").strip()
+    return {"stop_grace_s": float(env.get("MMDEMO_STOP_GRACE_S", "") or DEFAULT_STOP_GRACE_S),
+            "memory_limit": limit,
+            "threads": max(1, int(threads)) if threads else (cores - 1 if cores > 2 else cores)}
+
+
+def parse_memory_limit(text: str, total: int) -> int | None:
+    """``0.5`` -> half of ``total``; ``4096`` / ``4096mb`` -> MiB; ``8gb`` -> GiB; ``0`` / ``off`` -> None."""
+    text = text.strip().lower().replace(" ", "")
+    if text in ("", "0", "off", "none"):
+        return None
+    units = {"gb": 2**30, "g": 2**30, "mb": 2**20, "m": 2**20}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return int(float(text[:-len(suffix)]) * scale)
+    value = float(text)
+    return int(value * total) if value < 1 else int(value * 2**20)
+
+
+def total_memory_bytes() -> int:
+    return _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable: what the kernel can give without swapping (free + reclaimable caches)."""
+    return _meminfo("MemAvailable") or total_memory_bytes()
+
+
+def _meminfo(key: str) -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing torch."""
+    import shutil
+
+    return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
+
+
+def process_start_time(pid) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None when no such process."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, TypeError, ValueError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing one.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split(" ", 1)[0]
+
+
+def is_training_child(pid, start_time, config_path) -> bool:
+    """True while ``pid`` is alive (not a zombie), started at ``start_time`` (skipped when None: a run
+    started headless records none) and runs ``-m mmdemo train --config config_path``."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or _state(pid) in ("", "Z", "X"):
+        return False
+    if start_time is not None and process_start_time(pid) != int(start_time):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return _runs_train(argv, Path(config_path))
+
+
+def _runs_train(argv: list[str], config_path: Path) -> bool:
+    try:
+        module = argv.index("-m")
+        config = argv.index("--config", module)
+    except ValueError:
+        return False
+    if argv[module + 1:module + 3] != ["mmdemo", "train"] or config + 1 >= len(argv):
+        return False
+    return _same_file(argv[config + 1], config_path)
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def live_children(root: Path) -> dict[Path, tuple[int, int | None]]:
+    """The runs under the data directory ``root`` whose status says running and whose child still runs
+    them: run dir -> (pid, start time). Reads status files only (no torch), so the app can ask cheaply."""
+    from .workspace import read_json
+
+    found = {}
+    for status_file in Path(root).glob("users/*/runs/*/status.json"):
+        status = read_json(status_file)
+        pid, start = status.get("pid"), status.get("pid_start")
+        if status.get("status") == "running" and is_training_child(pid, start, status_file.parent / "config.yaml"):
+            found[status_file.parent] = (int(pid), start)
+    return found
+
+
+def child_env(base: dict, cfg: dict | None = None) -> dict:
+    """The environment of a training child: its thread count and the memory limit it applies to itself."""
+    cfg = cfg or settings(base)
+    threads = str(cfg["threads"])
+    env = {**base, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, CHILD_NICE_ENV: str(CHILD_NICE)}
+    env.pop(CHILD_LIMIT_ENV, None)
+    if cfg["memory_limit"]:
+        env[CHILD_LIMIT_ENV] = str(cfg["memory_limit"])
+    return env
+
+
+def apply_child_limits() -> int | None:
+    """In the child, before torch loads (and so before any thread starts, since niceness is per
+    thread and inherited): the lower CPU priority, and RLIMIT_DATA from the parent's setting (heap and
+    anonymous memory, what tensors are made of; unlike RLIMIT_AS it leaves mapped libraries alone). An
+    allocation past it fails inside this process, which then reports the out-of-memory advice, instead
+    of the kernel's OOM killer choosing among all processes. Returns the limit applied, if any."""
+    nice = os.environ.get(CHILD_NICE_ENV, "")
+    if nice.isdigit():
+        try:
+            os.nice(max(0, int(nice) - os.nice(0)))
+        except OSError:
+            pass
+    raw = os.environ.get(CHILD_LIMIT_ENV, "")
+    if not raw.isdigit():
+        return None
+    limit = int(raw)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
+
+
+def end_processes(children: list[tuple], grace: float) -> list[tuple]:
+    """SIGTERM to each ``(pid, start_time, config_path)`` (the child checkpoints and exits), then after
+    ``grace`` seconds SIGKILL to the process group (its data-loader workers too) of those still alive.
+    Returns the children that had to be killed."""
+    alive = [c for c in children if is_training_child(*c)]
+    for pid, *_ in alive:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [c for c in alive if is_training_child(*c)]
+    for pid, *_ in alive:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            _signal(pid, signal.SIGKILL)
+    return alive
+
+
+def _signal(pid: int, sig) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
