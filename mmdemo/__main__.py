@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .progress import dumps
 
 
 def _train_parser(sub) -> None:
@@ -31,6 +32,9 @@ def _train_parser(sub) -> None:
         p.add_argument(f"--{flag}", type=float)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print only the final JSON summary line")
+    out.add_argument("--json", action="store_true", help="print every metrics record as a JSON line (for scripts)")
 
 
 def _positive_int(text: str) -> int:
@@ -108,21 +112,35 @@ def _wait_for(path: Path, timeout: float = 3600) -> None:
 
 
 def _run_train(args) -> int:
+    from .progress import TrainingPrinter
     from .training import train, write_status
 
+    _quiet_datasets()
+    # Under torchrun only rank 0 speaks; the others' output would repeat it.
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
+    printer = TrainingPrinter("json" if args.json else "quiet" if quiet else "bar")
     cfg = None
     try:
         cfg = _config_from_args(args)
-        result = train(cfg)
+        result = train(cfg, on_record=printer)
     except BaseException as e:  # noqa: BLE001 - every failure must reach status.json
+        printer.close()
         if cfg is not None and isinstance(e, Exception):
             write_status(Path(cfg.output_dir), "failed", message=_failure_message(e))
         if isinstance(e, UserInputError):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
-    print(json.dumps({"output_dir": cfg.output_dir, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}))
+    status = json.loads((Path(cfg.output_dir) / "status.json").read_text()).get("status", "completed")
+    printer.summary(result, cfg.output_dir, status)
     return 0
+
+
+def _quiet_datasets() -> None:
+    # Ingesting a local file "downloads" and "generates" nothing worth a progress bar per split.
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 # How an allocation failure reads when it is not a torch.OutOfMemoryError: the CPU allocator's
@@ -182,9 +200,19 @@ def _run_predict(args) -> int:
             except UserInputError as e:
                 records.update((path, {"error": str(e)}) for path in images)
         for path in paths[start:start + batch_size]:
-            failed |= "error" in records[path]
-            print(json.dumps({"image": path, **records[path]}), flush=True)
+            record = _finite_or_error(records[path])
+            failed |= "error" in record
+            print(dumps({"image": path, **record}), flush=True)
     return 1 if failed else 0
+
+
+def _finite_or_error(record: dict) -> dict:
+    from .progress import finite
+
+    if finite(record) == record:
+        return record
+    return {"error": "the model's output is not a number (NaN): its weights diverged in training. Train it again "
+                     "with a lower learning rate."}
 
 
 def main(argv=None) -> int:
