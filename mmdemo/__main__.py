@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .progress import dumps
 
 
 def _train_parser(sub) -> None:
@@ -32,6 +32,9 @@ def _train_parser(sub) -> None:
         p.add_argument(f"--{flag}", type=float)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print only the final JSON summary line")
+    out.add_argument("--json", action="store_true", help="print every metrics record as a JSON line (for scripts)")
 
 
 def _positive_int(text: str) -> int:
@@ -117,15 +120,21 @@ def _run_train(args) -> int:
 
     apply_child_limits()  # before torch loads, so that every allocation of this process counts
     stop = _StopOnSignal()
+    from .progress import TrainingPrinter
     from .training import STATUS_FILE, resume_advice, train, write_status
     from .workspace import read_json
 
+    _quiet_datasets()
+    # Under torchrun only rank 0 speaks; the others' output would repeat it.
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
+    printer = TrainingPrinter("json" if args.json else "quiet" if quiet else "bar")
     cfg = None
     try:
         cfg = _config_from_args(args)
         stop.watch(Path(cfg.output_dir))
-        result = train(cfg)
+        result = train(cfg, on_record=printer)
     except BaseException as e:  # noqa: BLE001 - every failure must reach status.json
+        printer.close()
         if cfg is not None and isinstance(e, Exception):
             write_status(Path(cfg.output_dir), "failed", message=_failure_message(e, Path(cfg.output_dir)))
         if isinstance(e, UserInputError):
@@ -133,11 +142,19 @@ def _run_train(args) -> int:
             return 2
         raise
     run_dir = Path(cfg.output_dir)
-    if stop.signalled and read_json(run_dir / STATUS_FILE).get("status") == "stopped":
+    status = read_json(run_dir / STATUS_FILE).get("status", "completed")
+    if stop.signalled and status == "stopped":
         write_status(run_dir, "stopped",
                      message=f"Stopped by a termination signal (the app shutting down). {resume_advice(run_dir)}")
-    print(json.dumps({"output_dir": cfg.output_dir, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}))
+    printer.summary(result, cfg.output_dir, status)
     return 0
+
+
+def _quiet_datasets() -> None:
+    # Ingesting a local file "downloads" and "generates" nothing worth a progress bar per split.
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 class _StopOnSignal:
@@ -221,8 +238,9 @@ def _run_predict(args) -> int:
             # A UserInputError here is about the model or a parameter, not an image: it ends the command.
             records.update(zip(images, predict(list(images.values()))))
         for path in paths[start:start + batch_size]:
-            failed |= "error" in records[path]
-            print(json.dumps({"image": path, **records[path]}), flush=True)
+            record = _finite_or_error(records[path])
+            failed |= "error" in record
+            print(dumps({"image": path, **record}), flush=True)
     return 1 if failed else 0
 
 
@@ -260,6 +278,15 @@ def cli_wording(message: str) -> str:
     for pattern, replacement in CLI_WORDING:
         message = re.sub(pattern, replacement, message)
     return message
+
+
+def _finite_or_error(record: dict) -> dict:
+    from .progress import finite
+
+    if finite(record) == record:
+        return record
+    return {"error": "the model's output is not a number (NaN): its weights diverged in training. Train it again "
+                     "with a lower learning rate."}
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,8 @@ METHOD_DEFAULTS = {
 TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
                         "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
 TEXT_TARGET_STEPS = 400
+# Past this the loss of any recipe here diverges within a few steps.
+MAX_LEARNING_RATE = 1.0
 
 
 def _as_text(name: str, value) -> str:
@@ -93,6 +95,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "auto"
     num_workers: int = -1  # -1: automatic (see training.loader_workers)
+    checkpoint_every_minutes: float = field(default=10.0, metadata={
+        "help": "also save a checkpoint within an epoch after this many minutes (0 = only at epoch ends), "
+                "so a killed run loses little when resumed"})
+    checkpoint_every_steps: int = field(default=0, metadata={
+        "help": "also save a checkpoint every this many optimizer steps (0 = off)"})
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -129,6 +136,11 @@ class TrainConfig:
                      f"(got {self.num_workers})")
         if self.learning_rate < 0:
             p.append(f"learning_rate must be > 0 (got {self.learning_rate})")
+        if self.learning_rate > MAX_LEARNING_RATE:
+            p.append(f"learning_rate must be at most {MAX_LEARNING_RATE} (got {self.learning_rate}); "
+                     "fine-tuning uses about 1e-5 to 1e-2")
+        if self.checkpoint_every_minutes < 0 or self.checkpoint_every_steps < 0:
+            p.append("checkpoint_every_minutes and checkpoint_every_steps must be 0 (off) or more")
         if self.image_size and not 32 <= self.image_size <= 1024:
             p.append(f"image_size must be between 32 and 1024 pixels (got {self.image_size})")
         if self.batch_size > 4096:

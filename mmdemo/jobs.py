@@ -24,7 +24,7 @@ from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, resume_advice, write
 from .workspace import data_dir, read_json
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running", "stopping")  # "stopping": a stop was asked for, the child is still saving
 
 
 def runs_dir(workspace) -> Path:
@@ -212,21 +212,28 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
     elif state == "queued" and manager is not None and _lost_from_queue(run_dir, manager):
         state = "failed"  # queued in a previous app process: no queue holds it now
         status["message"] = "Interrupted: the app restarted before this run started. Press Resume to start it."
-    records = read_metrics(run_dir)
+    elif state == "running" and (run_dir / STOP_FILE).exists():
+        state = "stopping"
+        status["message"] = "Stopping: saving a checkpoint and the model so far."
     main_metric = status.get("main_metric", "accuracy")
-    # A resumed run replays steps after its last checkpoint: the latest record of a step wins.
-    train = list({r["step"]: r for r in records if r["type"] == "train"}.values())
-    evals = [r for r in records if r["type"] == "eval"]
+    train, evals, since_start = _live_records(read_metrics(run_dir))
+    if since_start and since_start[0]["time"] < status.get("queued", 0):
+        since_start = []  # queued again (a resume) and not started yet: the records are the last process's
     step = train[-1]["step"] if train else 0
     total = status.get("total_steps") or 0
+    metrics = status.get("metrics") or {}
+    if state in ACTIVE:  # the headline of this run so far, never the numbers of the one it resumes
+        now = [r for r in since_start if r["type"] == "eval"]
+        metrics = {k: v for k, v in now[-1].items() if k not in ("type", "time", "epoch", "step")} if now else {}
     snapshot = {
         "run_id": run_dir.name, "status": state, "step": step, "total_steps": total,
-        "epoch": train[-1]["epoch"] if train else 0, "eta_s": _eta(train, total),
+        "epoch": train[-1]["epoch"] if train else 0,
+        "eta_s": _eta([r for r in since_start if r["type"] in ("start", "train")], total),
         "train_loss": [[r["step"], r["loss"]] for r in train],
         "val": [[r["epoch"], r["val_loss"], r.get(main_metric)] for r in evals],
         "val_metrics": [{k: v for k, v in r.items() if k not in ("type", "time")} for r in evals],
         "main_metric": main_metric,
-        "metrics": status.get("metrics") or {}, "message": status.get("message", ""),
+        "metrics": metrics, "message": status.get("message", ""),
     }
     if state == "queued" and manager is not None:
         position = manager.queue_position(run_dir)
@@ -242,12 +249,29 @@ def _lost_from_queue(run_dir: Path, manager: JobManager) -> bool:
     return read_status_file(run_dir).get("status") == "queued"
 
 
+def _live_records(records: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, eval, since the last start) records of the run as it stands: a resume from checkpoint N
+    replays the steps after N, so at each start the records past its step are superseded."""
+    train, evals, since_start = [], [], []
+    for r in records:
+        if r["type"] == "start":
+            at = r.get("step", 0)
+            train = [t for t in train if t["step"] <= at]
+            evals = [e for e in evals if e.get("step", 0) <= at]
+            since_start = []
+        elif r["type"] == "train":
+            train.append(r)
+        elif r["type"] == "eval":
+            evals.append(r)
+        since_start.append(r)
+    return train, evals, since_start
+
+
 def _eta(train: list[dict], total: int) -> float | None:
-    if len(train) < 2 or not total:
-        return None
-    recent = train[-20:]
-    per_step = (recent[-1]["time"] - recent[0]["time"]) / max(1, recent[-1]["step"] - recent[0]["step"])
-    return round(max(0.0, (total - recent[-1]["step"]) * per_step), 1)
+    """Seconds left, from the pace of the current process's records (its start record and train lines)."""
+    from .progress import eta_seconds
+
+    return eta_seconds([(r["time"], r["step"]) for r in train], total)
 
 
 def new_run_config(workspace, dataset_dir, **params) -> TrainConfig:
@@ -296,8 +320,14 @@ def memory_warning(run_dir: Path) -> str:
 def resume_training(run_dir: Path, manager: JobManager) -> dict:
     """Continues a stopped / failed run from its last checkpoint (the same run directory)."""
     state = run_status(run_dir, manager)["status"]
+    if state == "stopping":
+        raise UserInputError("This run is still stopping: wait for it to save its checkpoint (a few seconds), "
+                             "then press Resume.")
     if state in ACTIVE:
         raise UserInputError("This run is still active; stop it before resuming.")
+    if state == "completed":
+        raise UserInputError("This run already completed; start a new run, or continue from it by choosing it "
+                             "as the base model.")
     manager.submit(run_dir)
     return {"status": "queued"}
 
@@ -362,6 +392,39 @@ def estimate_cpu_seconds(summary, cfg: TrainConfig) -> float:
     epochs = cfg.epochs or auto_epochs(summary.num_train, cfg.batch_size)
     evals = epochs if summary.task == "classification" else min(epochs, 10)
     return epochs * summary.num_train * per_train + evals * summary.num_val * per_val
+
+
+MANY_EPOCHS = 1000
+LONG_CPU_SECONDS = 86400
+
+
+def start_warnings(summary, cfg: TrainConfig, gpu: bool | None = None) -> list[str]:
+    """What is absurd about ``cfg`` before it starts (it still may): far too many epochs, or days of
+    training on this machine's CPU."""
+    from .progress import format_duration
+
+    warnings = []
+    if cfg.epochs > MANY_EPOCHS and not cfg.max_steps:
+        warnings.append(f"epochs={cfg.epochs} is far more than fine-tuning needs (a few to a few dozen): "
+                        "stop the run and start one with fewer epochs, or set max_steps.")
+    if not (has_gpu() if gpu is None else gpu):
+        seconds = estimate_cpu_seconds(summary, cfg)
+        if cfg.max_steps:
+            steps = (cfg.epochs or 1) * max(1, summary.num_train // max(1, cfg.batch_size))
+            seconds *= min(1.0, cfg.max_steps / steps)
+        if seconds > LONG_CPU_SECONDS:
+            warnings.append(f"On this machine's CPU this run takes about {format_duration(seconds)}: use fewer "
+                            "epochs, a smaller model or GPU hardware.")
+    return warnings
+
+
+def run_warnings(run_dir: Path) -> list[str]:
+    """``start_warnings`` for a run directory's config and dataset, and its memory warning if any."""
+    from .data import load_summary
+
+    cfg = TrainConfig.load(Path(run_dir) / "config.yaml")
+    memory = memory_warning(run_dir)
+    return start_warnings(load_summary(cfg.data), cfg) + ([memory] if memory else [])
 
 
 def has_gpu() -> bool:

@@ -111,15 +111,16 @@ def plot_confusion(result: dict, path: Path) -> None:
     labels, cm = result["labels"], result["confusion_matrix"]
     size = min(12, 2 + 0.5 * len(labels))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
+    ax.imshow(cm, cmap="Blues", vmin=0)
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if len(labels) <= 30:
+        dark = max(max(row) for row in cm) / 2  # "Blues" cells past half the top count are dark
         for i, row in enumerate(cm):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > dark else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -21,9 +21,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from .config import TrainConfig, auto_epochs
+from .errors import UserInputError
 from .models import count_parameters
+from .progress import dumps
 from .tasks import make_task
 
 STOP_FILE, STATUS_FILE, METRICS_FILE, LATEST_FILE = "STOP", "status.json", "metrics.jsonl", "latest"
@@ -50,7 +53,7 @@ def resume_advice(run_dir: Path) -> str:
 def write_json_atomic(path: Path, obj) -> None:
     """Readers (the UI polling status) never see a half-written file: temp file + rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(dumps(obj, indent=1))
     tmp.replace(path)
 
 
@@ -61,15 +64,20 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON line per event and flushes it, so a poller sees each step as it happens."""
+    """Appends one JSON line per event and flushes it, so a poller sees each step as it happens;
+    ``listener`` (the CLI's progress output) gets each record too."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, listener=None):
         self.file = open(path, "a", buffering=1) if enabled else None
+        self.listener = listener
 
     def write(self, **record) -> None:
         if self.file:
-            self.file.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            record = {**record, "time": round(time.time(), 3)}
+            self.file.write(dumps(record) + "\n")
             self.file.flush()
+            if self.listener:
+                self.listener(record)
 
     def close(self) -> None:
         if self.file:
@@ -121,11 +129,19 @@ def log_interval(cfg: TrainConfig) -> int:
     return cfg.log_every or (10 if torch.cuda.is_available() else 1)
 
 
-def train(cfg: TrainConfig) -> dict:
+class LossDiverged(UserInputError):
+    """The training loss became NaN or infinite: the run cannot recover, a new one needs a smaller step."""
+
+
+def train(cfg: TrainConfig, on_record=None) -> dict:
     """Trains per ``cfg`` into ``cfg.output_dir``; returns the final evaluation.
 
     Resumes from the run directory's latest checkpoint when there is one. Stops cleanly at the next
-    step boundary once ``output_dir/STOP`` exists, saving a checkpoint and a usable model.
+    step boundary once ``output_dir/STOP`` exists, saving a checkpoint and a usable model. Raises
+    ``LossDiverged`` (the run marked failed) when the loss stops being a finite number.
+
+    Args:
+        on_record: called in the main process with every record written to metrics.jsonl.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -145,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
     task = make_task(cfg, load_splits(cfg.data))
     cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size))
     if main:
-        cfg.save(run_dir / "config.yaml")
+        _save_config(cfg, run_dir / "config.yaml")
 
     sampler = EpochSampler(len(task.train_ds), cfg.seed)
     workers = loader_workers(cfg, acc.num_processes)
@@ -166,14 +182,15 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, scheduler)
     state = _resume(run_dir, acc, optimizer, scheduler)
 
-    writer = MetricsWriter(run_dir / METRICS_FILE, main)
-    if main:
+    writer = MetricsWriter(run_dir / METRICS_FILE, main, on_record)
+    if main:  # metrics: a resumed run's headline is its own final evaluation, not its predecessor's
         write_status(run_dir, "running", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     pid=os.getpid(), message="", started=time.time(), main_metric=task.main_metric)
+                     pid=os.getpid(), message="", started=time.time(), main_metric=task.main_metric, metrics={})
     writer.write(type="start", step=state["step"], total_steps=total_steps, epochs=cfg.epochs, task=cfg.task,
                  trainable_params=trainable, total_params=total, num_processes=acc.num_processes,
                  device=str(acc.device), precision=acc.mixed_precision, resumed=state["step"] > 0,
-                 num_workers=workers)
+                 num_workers=workers,
+                 images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
 
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
                  total_steps, state)
@@ -193,6 +210,13 @@ def train(cfg: TrainConfig) -> dict:
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _save_config(cfg: TrainConfig, path: Path) -> None:
+    # Unchanged on a resume: the file's time is the run's creation time in the run list.
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if not path.exists() or path.read_text() != text:
+        cfg.save(path)
 
 
 def _optimizer(clf, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -227,6 +251,7 @@ class _Loop:
         self.samples_per_rank = [0] * acc.num_processes
         self.samples = 0
         self.report = None  # the latest evaluation's full report
+        self.last_checkpoint = time.time()
         # Generating text for a whole validation split costs more than an epoch of a small caption
         # set: text tasks evaluate about max_evals times per run, classification every epoch.
         self.eval_every = max(1, math.ceil(cfg.epochs / task.max_evals))
@@ -274,9 +299,12 @@ class _Loop:
             logged += 1
             log_step = self.step % self.log_every == 0 or self.step == self.total_steps
             if log_step:
-                # .item() syncs with the device: only on log steps.
+                # .item() syncs with the device: only on log steps, which is also where divergence shows.
+                mean_loss = acc.reduce(losses / logged, "mean").item()
+                if not math.isfinite(mean_loss):
+                    self._diverged(mean_loss)
                 self.writer.write(type="train", step=self.step, epoch=round(self.epoch + (i + 1) / len(self.train_loader), 4),
-                                  loss=round(acc.reduce(losses / logged, "mean").item(), 5),
+                                  loss=round(mean_loss, 5),
                                   lr=self.scheduler.get_last_lr()[0], step_time=round((time.time() - t0) / max(1, i + 1), 4))
                 losses, logged = None, 0
             # Several processes agree on stopping through a collective (a sync): only on log steps.
@@ -287,7 +315,30 @@ class _Loop:
                 return "stopped"
             if self.step >= self.total_steps:
                 return "next"
+            if i + 1 < len(self.train_loader) and self._checkpoint_due(log_step):
+                self._checkpoint()  # within the epoch (its end saves one anyway)
         return "next"
+
+    def _checkpoint_due(self, log_step: bool) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        if every and self.step % every == 0:
+            return True
+        minutes, many = self.cfg.checkpoint_every_minutes, self.acc.num_processes > 1
+        if not minutes or (many and not log_step):
+            return False
+        due = time.time() - self.last_checkpoint >= minutes * 60
+        if many:  # the clocks of the ranks differ; all save together or none (a collective: log steps only)
+            due = bool(self.acc.reduce(torch.tensor(int(due), device=self.acc.device), "max").item())
+        return due
+
+    def _diverged(self, loss: float) -> None:
+        lr = self.cfg.learning_rate
+        message = (f"The loss diverged ({loss}) at step {self.step}: lower the learning rate, e.g. to {lr / 10:.2g} "
+                   f"(this run used {lr:g}), and start a new run.")
+        if self.acc.is_main_process:
+            self.writer.write(type="end", status="failed", step=self.step, message=message)
+            write_status(self.run_dir, "failed", message=message, finished=time.time())
+        raise LossDiverged(message)
 
     def _stop_requested(self) -> bool:
         flag = (self.run_dir / STOP_FILE).exists()
@@ -307,6 +358,7 @@ class _Loop:
         return bool(self.cfg.early_stopping_patience) and self.bad_epochs >= self.cfg.early_stopping_patience
 
     def _checkpoint(self) -> None:
+        self.last_checkpoint = time.time()
         save_checkpoint(self.run_dir, self.acc, self.optimizer, self.scheduler,
                         {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                          "best": self.best, "bad_epochs": self.bad_epochs})

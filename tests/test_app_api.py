@@ -154,8 +154,10 @@ def test_a_second_client_cannot_touch_the_first_clients_runs(app_url, client_a, 
 def test_stop_keeps_a_usable_model(client_a, dataset):
     run_id = client_a.predict(dataset_id=dataset["dataset_id"], epochs=20, api_name="/start_training")["run_id"]
     _wait_for(client_a, run_id, lambda s: s["step"] > 0, 120, "the run took a step")
-    assert client_a.predict(run_id=run_id, api_name="/stop_training")["status"] in ("running", "stopped")
-    final = _wait_for(client_a, run_id, lambda s: s["status"] not in ("queued", "running"), 90, "the run stopped")
+    # "stopping" while the child saves its checkpoint and model
+    assert client_a.predict(run_id=run_id, api_name="/stop_training")["status"] in ("stopping", "stopped")
+    final = _wait_for(client_a, run_id, lambda s: s["status"] not in ("queued", "running", "stopping"), 90,
+                      "the run stopped")
     assert final["status"] == "stopped", final
     assert 0 < final["step"] < final["total_steps"]
     labels = client_a.predict(image=handle_file(str(EXAMPLES / "triangle.png")), checkpoint=run_id,

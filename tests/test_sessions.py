@@ -85,8 +85,8 @@ def test_ids_are_random_and_another_client_can_reach_none_of_them(app_url):
     # For its owner the same ids work (and stopping the one-step run ends its child soon).
     assert a.predict(run_id=run_id, api_name="/training_status")["run_id"] == run_id
     assert [r["run_id"] for r in a.predict(api_name="/list_runs")] == [run_id]
-    assert a.predict(run_id=run_id, api_name="/stop_training")["status"] in ("queued", "running", "stopped",
-                                                                             "completed")
+    assert a.predict(run_id=run_id, api_name="/stop_training")["status"] in ("queued", "running", "stopping",
+                                                                             "stopped", "completed")
 
 
 # --- workspace cleanup ------------------------------------------------------------------------

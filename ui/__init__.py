@@ -28,10 +28,32 @@ def on_refresh_choices(browser_id):
     if not browser_id:
         return (gr.skip(),) * 5
     wsp = browser_workspace(browser_id)
-    done = {task: run_choices(wsp, task, finished=True) for task in TASKS}
     return (gr.update(choices=dataset_choices(wsp)), gr.update(choices=run_choices(wsp)),
-            gr.update(choices=[(DEFAULT_CHECKPOINT, "")] + done["classification"]),
-            gr.update(choices=done["captioning"]), gr.update(choices=done["vqa"]))
+            *(gr.update(choices=c) for c in checkpoint_choices(wsp).values()))
+
+
+def checkpoint_choices(wsp) -> dict[str, list]:
+    """The choices of the Classify, Caption and Ask checkpoint lists: this workspace's runs with a model."""
+    done = {task: run_choices(wsp, task, finished=True) for task in TASKS}
+    done["classification"] = [(DEFAULT_CHECKPOINT, "")] + done["classification"]
+    return done
+
+
+@user_errors
+def on_run_reported(browser_id, run_id, reported):
+    """A run finished (its report was just shown): the predict tab of its task selects it, so the first
+    try there uses the model just trained, not the default."""
+    import yaml
+
+    from mmdemo.jobs import find_run
+
+    if not browser_id or not run_id or not reported.startswith(run_id):
+        return (gr.skip(),) * 3
+    wsp = browser_workspace(browser_id)
+    task = yaml.safe_load((find_run(wsp, run_id) / "config.yaml").read_text()).get("task")
+    choices = checkpoint_choices(wsp)
+    return tuple(gr.update(choices=c, value=run_id) if t == task and run_id in dict(c).values() else gr.skip()
+                 for t, c in choices.items())
 
 
 @user_errors
@@ -69,6 +91,7 @@ def build_demo() -> gr.Blocks:
         gr.Timer(1.0).tick(on_tick, [browser_id, run, reported],
                            [progress, loss_plot, val_plot, report, confusion, mistakes, reported],
                            concurrency_limit=None, show_progress="hidden", **private)
+        reported.change(on_run_reported, [browser_id, run, reported], [checkpoint, cap_ckpt, vqa_ckpt], **private)
         gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
                            **private)
         classify_button.click(on_classify, [browser_id, image, checkpoint], labels, **private)

@@ -18,14 +18,15 @@ def api_load_dataset(file: dict, task: str = "classification", request: gr.Reque
 def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
                        learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
                        max_steps: int = 0, request: gr.Request = None) -> dict:
-    """Starts fine-tuning in a child process; "" / 0 take the defaults."""
-    run_id = do_start_training(api_workspace(request), dataset_id, base_model=base_model, method=method or None,
+    """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name absurd settings
+    (far too many epochs, days on the CPU)."""
+    from mmdemo.jobs import find_run, run_warnings
+
+    wsp = api_workspace(request)
+    run_id = do_start_training(wsp, dataset_id, base_model=base_model, method=method or None,
                                epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                                image_size=image_size, max_steps=max_steps)
-    from mmdemo.jobs import find_run, memory_warning
-
-    warning = memory_warning(find_run(api_workspace(request), run_id))
-    return {"run_id": run_id, **({"memory_warning": warning} if warning else {})}
+    return {"run_id": run_id, "warnings": run_warnings(find_run(wsp, run_id))}
 
 
 def api_training_status(run_id: str, request: gr.Request = None) -> dict:

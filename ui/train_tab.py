@@ -54,6 +54,10 @@ def on_start(browser_id, dataset_id, base_model, method, epochs, lr, batch, imag
                                learning_rate=float(lr or 0), batch_size=int(batch or 0), image_size=int(image_size or 0),
                                weight_decay=float(weight_decay), warmup_ratio=float(warmup), augment=bool(augment),
                                early_stopping_patience=int(patience or 0), seed=int(seed or 0))
+    from mmdemo.jobs import find_run, run_warnings
+
+    for warning in run_warnings(find_run(wsp, run_id)):
+        gr.Warning(warning)
     return gr.update(choices=run_choices(wsp), value=run_id)
 
 
@@ -72,8 +76,11 @@ def on_resume(browser_id, run_id):
 
 
 def progress_html(status: dict) -> str:
+    from mmdemo.progress import format_duration
+
     step, total = status["step"], status["total_steps"] or 0
-    eta = f" · ETA {status['eta_s']:.0f} s" if status.get("eta_s") is not None and status["status"] == "running" else ""
+    eta = format_duration(status.get("eta_s")) if status["status"] == "running" else ""
+    eta = f" · ETA {eta}" if eta else ""
     msg = f"<div>{html.escape(status['message'])}</div>" if status.get("message") else ""
     return (f"<div><b>{status['status']}</b> · step {step} / {total} · epoch {status['epoch']}{eta}</div>"
             f"<progress id='train-progress' value='{step}' max='{max(total, 1)}' style='width:100%'></progress>{msg}")
@@ -165,8 +172,9 @@ def build_train_tab(browser_id):
             report = gr.Dataframe(label="Validation metrics", interactive=False,
                                   headers=["class", "precision", "recall", "f1", "support", "accuracy"])
             confusion = gr.Image(label="Confusion matrix", type="filepath", height=320)
-        mistakes = gr.Gallery(label="Validation examples: misclassified, or reference → predicted text", columns=8,
-                              height=260)
+        # contain: a small image shown whole (cover crops a 64 px shape to its background)
+        mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
+                                    "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
         build_push_section(browser_id, run)
     settings = [dataset, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup, augment, patience, seed]
     return settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
