@@ -13,24 +13,23 @@ import os
 import sys
 from pathlib import Path
 
+from .config import TASKS
 from .errors import UserInputError
 
 
 def _train_parser(sub) -> None:
+    """The train flags, one per TrainConfig field (``--no-augment`` style for the booleans); each defaults
+    to None so that only the flags given override a --config file."""
+    from .config import param_fields, param_type
+
     p = sub.add_parser("train", help="fine-tune a model (also under torchrun / accelerate launch)")
     p.add_argument("--config", help="a config.yaml; flags given as well override its values")
-    p.add_argument("--task", default=None, choices=["classification", "captioning", "vqa"])
-    p.add_argument("--data", help="a dataset: zip / folder / csv / jsonl, or an ingested dataset folder")
-    p.add_argument("--output-dir", help="the run directory to write")
-    p.add_argument("--base-model")
-    p.add_argument("--method", choices=["full", "head", "lora", "bitfit", "frozen_vision"])
-    for flag in ("epochs", "max-steps", "batch-size", "image-size", "seed", "early-stopping-patience",
-                 "log-every", "num-workers"):
-        p.add_argument(f"--{flag}", type=int)
-    for flag in ("learning-rate", "weight-decay", "warmup-ratio"):
-        p.add_argument(f"--{flag}", type=float)
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
+    for f in param_fields():
+        flag, kind, help_ = "--" + f.name.replace("_", "-"), param_type(f), f.metadata.get("help")
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_)
 
 
 def _positive_int(text: str) -> int:
@@ -43,7 +42,7 @@ def _positive_int(text: str) -> int:
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images; one JSON line per image")
     p.add_argument("--checkpoint", default="", help="a run directory or model folder ('' = ImageNet default)")
-    p.add_argument("--task", default="classification", choices=["classification", "captioning", "vqa"])
+    p.add_argument("--task", default="classification", choices=TASKS)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -55,20 +54,14 @@ def _predict_parser(sub) -> None:
 
 
 def _config_from_args(args):
-    from .config import TrainConfig
+    from .config import TrainConfig, param_fields
 
-    keys = ("task", "data", "output_dir", "base_model", "method", "epochs", "max_steps", "batch_size", "image_size",
-            "seed", "early_stopping_patience", "log_every", "num_workers", "learning_rate", "weight_decay",
-            "warmup_ratio", "augment", "pretrained")
-    flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    flags = {f.name: getattr(args, f.name) for f in param_fields() if getattr(args, f.name) is not None}
     values = {}
     if args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
+        if not Path(args.config).is_file():
             raise UserInputError(f"Config file {args.config} not found.")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = TrainConfig.load_values(args.config)
     values.update(flags)
     missing = [k for k in ("data", "output_dir") if not values.get(k)]
     if missing:
@@ -108,7 +101,8 @@ def _wait_for(path: Path, timeout: float = 3600) -> None:
 
 
 def _run_train(args) -> int:
-    from .training import train, write_status
+    from .runs import write_status
+    from .training import train
 
     cfg = None
     try:

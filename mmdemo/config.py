@@ -10,12 +10,18 @@ import yaml
 
 from .errors import UserInputError
 
+# The one list of tasks, methods and base models: the CLI, the UI, the data checks and the Hub export
+# read them from here. A task's first method and first base model are its defaults.
 TASKS = ("classification", "captioning", "vqa")
 TASK_METHODS = {"classification": ("full", "head", "lora", "bitfit"),
                 "captioning": ("frozen_vision", "full", "lora"), "vqa": ("frozen_vision", "full", "lora")}
 METHODS = ("full", "head", "lora", "bitfit", "frozen_vision")
-DEFAULT_MODELS = {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
-                  "vqa": "efficientnet_lite0+minilm"}
+# The base models the Train tab suggests per task: the first works offline, the others need the Hub.
+BASE_MODELS = {"classification": ("efficientnet_lite0", "resnet18", "google/vit-base-patch16-224-in21k"),
+               "captioning": ("efficientnet_lite0+minilm", "Salesforce/blip-image-captioning-base", "microsoft/git-base"),
+               "vqa": ("efficientnet_lite0+minilm", "Salesforce/blip-vqa-base", "HuggingFaceTB/SmolVLM-256M-Instruct")}
+DEFAULT_MODELS = {task: models[0] for task, models in BASE_MODELS.items()}
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 # Per-method defaults, used where the user leaves a value at 0 / "".  A frozen backbone takes a
 # larger step size; LoRA sits in between (its update is low rank and starts at zero).
@@ -50,30 +56,35 @@ class TrainConfig:
     Construction validates every field and raises one ``UserInputError`` listing all problems.
     """
 
-    data: str
-    output_dir: str
-    task: str = "classification"
-    base_model: str = ""
-    method: str = ""
-    pretrained: bool = True
-    epochs: int = 0
-    max_steps: int = 0
-    batch_size: int = 0
-    image_size: int = 0
-    learning_rate: float = 0.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    label_smoothing: float = 0.1
-    augment: bool = True
-    early_stopping_patience: int = 0
-    seed: int = 0
-    log_every: int = 0  # 0: automatic (see training.log_interval)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"
-    num_workers: int = -1  # -1: automatic (see training.loader_workers)
-    extra: dict = field(default_factory=dict)
+    data: str = field(metadata={"help": "a dataset: zip / folder / csv / jsonl, or an ingested dataset folder"})
+    output_dir: str = field(metadata={"help": "the run directory to write"})
+    task: str = field(default="classification", metadata={"help": "what the model learns", "choices": TASKS})
+    base_model: str = field(default="", metadata={
+        "help": "a registry name, timm name, Hub id, model folder or run directory ('' = the task's default)"})
+    method: str = field(default="", metadata={"help": "what trains ('' = the task's first method)", "choices": METHODS})
+    pretrained: bool = field(default=True, metadata={"help": "start from the base model's pretrained weights"})
+    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
+    batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})
+    augment: bool = field(default=True, metadata={"help": "random crops and flips (classification)"})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "evaluations without improvement before stopping (0 = off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
+    log_every: int = field(default=0, metadata={  # 0: automatic (see training.log_interval)
+        "help": "steps between metrics lines (0 = automatic: every step on the CPU, every 10 on a GPU)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    mixed_precision: str = field(default="auto", metadata={"help": "autocast precision (auto: bf16 / fp16 on a GPU, "
+                                                                   "none on the CPU)", "choices": PRECISIONS})
+    num_workers: int = field(default=-1, metadata={  # -1: automatic (see training.loader_workers)
+        "help": "data loader workers (-1 = automatic, 0 = load in the training process)"})
+    extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
         problems = self._problems()
@@ -108,7 +119,7 @@ class TrainConfig:
             p.append(f"num_workers must be -1 (automatic), 0 (load in the training process) or more "
                      f"(got {self.num_workers})")
         if self.learning_rate < 0:
-            p.append(f"learning_rate must be > 0 (got {self.learning_rate})")
+            p.append(f"learning_rate must be 0 (default) or more (got {self.learning_rate})")
         if self.image_size and not 32 <= self.image_size <= 1024:
             p.append(f"image_size must be between 32 and 1024 pixels (got {self.image_size})")
         if self.batch_size > 4096:
@@ -123,7 +134,7 @@ class TrainConfig:
             p.append(f"log_every must be 0 (automatic) or more (got {self.log_every})")
         if self.gradient_accumulation_steps < 1 or self.lora_r < 1:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p
 
@@ -147,7 +158,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path) -> "TrainConfig":
+    def load_values(cls, path) -> dict:
+        """The key: value mapping of a config YAML file, unvalidated (the CLI merges its flags into it)."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
@@ -155,4 +167,35 @@ class TrainConfig:
             raise UserInputError(f"Could not read config {path.name}: {e}. Fix the YAML syntax.") from None
         if not isinstance(values, dict):
             raise UserInputError(f"Config {path.name} must be a YAML mapping of key: value lines.")
-        return cls.from_dict(values)
+        return values
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(cls.load_values(path))
+
+
+def param_fields() -> list[dataclasses.Field]:
+    """The training parameters a user sets (every TrainConfig field but ``extra``), in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+
+
+def param_type(f: dataclasses.Field) -> type:
+    """The Python type of a field (the annotations are strings under ``from __future__ import annotations``)."""
+    return {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]
+
+
+def typed_params(values: dict) -> dict:
+    """Form or API values -> TrainConfig's types; None and "" are left out, so the field's default applies."""
+    types = {f.name: param_type(f) for f in param_fields()}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise UserInputError(f"Unknown training settings: {', '.join(unknown)}.")
+    typed = {}
+    for name, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        try:
+            typed[name] = types[name](value)
+        except (TypeError, ValueError):
+            raise UserInputError(f"{name} must be a number (got {str(value)[:40]!r}).") from None
+    return typed

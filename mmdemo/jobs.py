@@ -7,9 +7,7 @@ so a page reload, a second tab or an app restart all see the same runs.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -17,26 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
+from . import settings
 from .config import TrainConfig
 from .errors import UserInputError
-from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, write_status
-from .workspace import read_json
-
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
-ACTIVE = ("queued", "running")
-
-
-def runs_dir(workspace) -> Path:
-    return Path(workspace) / "runs"
-
-
-def find_run(workspace, run_id: str) -> Path:
-    """The run directory for ``run_id`` inside this workspace, or a UserInputError."""
-    run_id = (run_id or "").strip()
-    run_dir = runs_dir(workspace) / run_id
-    if not ID_RE.match(run_id) or not (run_dir / "config.yaml").is_file():
-        raise UserInputError(f"Unknown run id '{run_id[:40]}'. Start a training run first, or pick one from the list.")
-    return run_dir
+from .runs import (ACTIVE, CONFIG_FILE, ID_RE, LOG_FILE, MODEL_DIR, STOP_FILE, find_run, read_metrics, read_status_file,
+                   runs_dir, write_status)
 
 
 class JobManager:
@@ -44,7 +27,7 @@ class JobManager:
     the rest wait in a FIFO queue that a background thread drains."""
 
     def __init__(self, max_concurrent: int | None = None):
-        self.max_concurrent = max_concurrent or int(os.environ.get("MMDEMO_MAX_JOBS", "1"))
+        self.max_concurrent = max_concurrent or settings.max_jobs()
         self._procs: dict[Path, subprocess.Popen] = {}
         self._queue: list[Path] = []
         self._lock = threading.Lock()
@@ -113,14 +96,10 @@ def _mark_crashed(run_dir: Path, returncode: int) -> None:
 
 def _log_tail(run_dir: Path, lines: int = 3) -> str:
     try:
-        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-lines:]
+        tail = (run_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()[-lines:]
     except OSError:
         return ""
     return "Last log lines: " + " | ".join(tail) if tail else ""
-
-
-def read_status_file(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / STATUS_FILE)
 
 
 def pid_alive(pid) -> bool:
@@ -129,20 +108,6 @@ def pid_alive(pid) -> bool:
     except (OSError, TypeError, ValueError):
         return False
     return True
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All complete lines of metrics.jsonl (a line being written is skipped until it is whole)."""
-    path = Path(run_dir) / METRICS_FILE
-    records = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.endswith("\n"):
-                    records.append(json.loads(line))
-    except FileNotFoundError:
-        pass
-    return records
 
 
 def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
@@ -181,6 +146,12 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
     return snapshot
 
 
+def has_active_run(workspace: Path, manager: JobManager | None = None) -> bool:
+    """Whether ``workspace`` holds a queued or running run (the workspace cleanup's ``is_busy``)."""
+    runs = [cfg.parent for cfg in runs_dir(workspace).glob(f"*/{CONFIG_FILE}")]
+    return any(run_status(run_dir, manager)["status"] in ACTIVE for run_dir in runs)
+
+
 def _lost_from_queue(run_dir: Path, manager: JobManager) -> bool:
     if manager.queue_position(run_dir) is not None or manager.is_alive(run_dir):
         return False
@@ -210,7 +181,7 @@ def start_training(cfg: TrainConfig, manager: JobManager) -> str:
     """Writes the run directory's config and queues the child; returns the run id."""
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(run_dir / CONFIG_FILE)
     manager.submit(run_dir)
     return run_dir.name
 
@@ -229,14 +200,14 @@ def list_runs(workspace, manager: JobManager | None = None) -> list[dict]:
     import yaml
 
     rows = []
-    for run_dir in runs_dir(workspace).glob("*/config.yaml"):
+    for run_dir in runs_dir(workspace).glob(f"*/{CONFIG_FILE}"):
         run_dir = run_dir.parent
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
         snap = run_status(run_dir, manager)
         rows.append({"run_id": run_dir.name, "task": cfg.get("task"), "base_model": _short(cfg.get("base_model", "")),
                      "method": cfg.get("method"), "status": snap["status"], "metrics": snap["metrics"],
-                     "created": (run_dir / "config.yaml").stat().st_mtime,
-                     "has_model": (run_dir / "model").is_dir()})
+                     "created": (run_dir / CONFIG_FILE).stat().st_mtime,
+                     "has_model": (run_dir / MODEL_DIR).is_dir()})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 
@@ -244,29 +215,6 @@ def _short(base_model: str) -> str:
     # A continued run's base is a path inside the workspace: show its run id, never the path.
     path = Path(base_model)
     return path.name if path.is_absolute() else base_model
-
-
-def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
-    """(image, caption) pairs for the report gallery: the misclassified validation images
-    ("true → predicted"), or for captioning / VQA the reference vs the predicted text."""
-    import yaml
-
-    from .data import load_splits
-
-    result = json.loads((Path(run_dir) / "eval.json").read_text())
-    rows = (result.get("misclassified") or result.get("examples") or [])[:limit]
-    if not rows:
-        return []
-    data = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("data", "")
-    validation = load_splits(data)["validation"]
-    return [(validation[r["row"]]["image"], _example_caption(r)) for r in rows]
-
-
-def _example_caption(row: dict) -> str:
-    if "label" in row:
-        return f"{row['label']} → {row['predicted']}"
-    question = f"{row['question']} " if row.get("question") else ""
-    return f"{question}ref: {row['references'][0]} · predicted: {row['predicted']}"
 
 
 # Seconds per training row and per validation row on 2 CPU cores with the default recipe, measured on

@@ -1,13 +1,6 @@
 """The training loop: accelerate, metrics.jsonl, atomic checkpoints, cooperative stop, resume.
 
-Run directory contract (read by ``mmdemo.jobs`` and the UI):
-    config.yaml      the resolved TrainConfig
-    status.json      {"status": running|completed|failed|stopped, "total_steps", "message", ...}
-    metrics.jsonl    one JSON object per log step ("train") and per evaluation ("eval"), flushed
-    checkpoint-N/    model + optimizer + loop state; ``latest`` names the newest complete one
-    model/           the fine-tuned model (see models.save_classifier); adapter/ for LoRA
-    eval.json        final metrics, per-class P/R/F1, confusion matrix, misclassified examples
-    STOP             created by whoever wants the run to stop at the next step boundary
+It writes the run directory whose contract (file names, readers, atomic writers) is ``mmdemo.runs``.
 """
 
 from __future__ import annotations
@@ -24,23 +17,9 @@ import torch
 
 from .config import TrainConfig, auto_epochs
 from .models import count_parameters
+from .runs import (CONFIG_FILE, EVAL_FILE, LATEST_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status,
+                   write_text_atomic)
 from .tasks import make_task
-
-STOP_FILE, STATUS_FILE, METRICS_FILE, LATEST_FILE = "STOP", "status.json", "metrics.jsonl", "latest"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Readers (the UI polling status) never see a half-written file: temp file + rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def write_status(run_dir: Path, status: str, **fields) -> None:
-    path = Path(run_dir) / STATUS_FILE
-    old = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, {**old, **fields, "status": status, "updated": time.time()})
-
 
 class MetricsWriter:
     """Appends one JSON line per event and flushes it, so a poller sees each step as it happens."""
@@ -127,7 +106,7 @@ def train(cfg: TrainConfig) -> dict:
     task = make_task(cfg, load_splits(cfg.data))
     cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size))
     if main:
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run_dir / CONFIG_FILE)
 
     sampler = EpochSampler(len(task.train_ds), cfg.seed)
     workers = loader_workers(cfg, acc.num_processes)
@@ -166,7 +145,7 @@ def train(cfg: TrainConfig) -> dict:
         result = task.report(model, val_loader, acc, loop.step)
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
-        write_json_atomic(run_dir / "eval.json", result)
+        write_json_atomic(run_dir / EVAL_FILE, result)
         writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank)
         message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
         headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match") if k in result}
@@ -325,12 +304,6 @@ def save_checkpoint(run_dir: Path, acc, optimizer, scheduler, state: dict) -> No
     if previous and previous != name:
         shutil.rmtree(run_dir / previous, ignore_errors=True)
     acc.wait_for_everyone()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _resume(run_dir: Path, acc, optimizer, scheduler) -> dict:

@@ -68,7 +68,7 @@ def tiny_cfg(dataset, out, **kw) -> TrainConfig:
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(UserInputError, match=r"method must be one of .*; epochs must be 0 \(default\) or more.*"
-                                             r"learning_rate must be > 0"):
+                                             r"learning_rate must be 0 \(default\) or more"):
         TrainConfig(data="d", output_dir="o", method="magic", epochs=-1, learning_rate=-1)
 
 

@@ -10,6 +10,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from mmdemo.config import TASKS
 from mmdemo.errors import UserInputError
 
 from .classification import ingest_classification
@@ -21,7 +22,6 @@ from .upload import hub_dataset_id
 __all__ = ["MAX_PIXELS", "TASKS", "DatasetSummary", "find_dataset", "ingest_dataset", "load_splits", "load_summary",
            "preview_images", "to_rgb"]
 
-TASKS = ("classification", "captioning", "vqa")
 MAX_PIXELS = 89_000_000  # Pillow's own bomb limit: bigger headers are skipped before decoding (read at call time)
 
 
