@@ -184,3 +184,27 @@ def test_every_training_parameter_is_a_train_flag_with_help():
     assert "--no-augment" in out.stdout and "--no-pretrained" in out.stdout
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in param_fields()} == {"extra"}
     assert main(["train", "--data", "d"]) == 2  # the missing --output-dir is named, not a traceback
+
+
+def test_the_train_tab_sets_training_parameters_by_field_name():
+    import gradio as gr
+
+    from ui.train_tab import build_train_tab
+
+    with gr.Blocks():
+        fields = build_train_tab(gr.State(""))[1]
+    assert set(fields) <= {f.name for f in param_fields()}
+    assert {"base_model", "method", "epochs", "learning_rate", "image_size", "augment"} <= set(fields)
+
+
+def test_form_values_take_the_field_types_and_blanks_the_defaults():
+    from mmdemo.config import typed_params
+    from mmdemo.errors import UserInputError
+
+    assert typed_params({"epochs": 3.0, "learning_rate": 1, "method": "", "image_size": None, "augment": False,
+                         "base_model": "resnet18"}) == {"epochs": 3, "learning_rate": 1.0, "augment": False,
+                                                        "base_model": "resnet18"}
+    with pytest.raises(UserInputError, match="Unknown training settings: colour"):
+        typed_params({"colour": "red"})
+    with pytest.raises(UserInputError, match="epochs must be a number"):
+        typed_params({"epochs": "many"})

@@ -151,6 +151,16 @@ def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
     assert cleanup_workspaces(is_busy=busy) == []
 
 
+def test_cleanup_without_a_busy_check_keeps_every_workspace_with_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MMDEMO_WORKSPACE_TTL_HOURS", raising=False)
+    idle, finished = make_workspace("idle"), make_workspace("finished", {"status": "completed"})
+    age(idle, 100)
+    age(finished, 100)
+    assert cleanup_workspaces() == [idle]
+    assert finished.is_dir()
+
+
 def test_the_app_starts_the_cleanup_with_its_job_manager(tmp_path, monkeypatch):
     monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
     import app
