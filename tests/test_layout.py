@@ -116,10 +116,10 @@ def test_the_engine_never_imports_gradio():
     assert offenders == []
 
 
-def loaded_after(statement: str) -> dict:
+def loaded_after(statement: str, **env) -> dict:
     code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
     assert out.returncode == 0, out.stderr[-2000:]
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -131,6 +131,23 @@ def test_the_page_and_the_job_manager_load_no_torch(statement):
     modules = loaded_after(statement)
     assert "torch" not in modules
     assert "gradio" in modules if statement.startswith(("import app", "import ui")) else "gradio" not in modules
+
+
+def test_a_page_load_loads_no_torch(tmp_path, monkeypatch):
+    """What a page load runs: the browser id, the dropdown choices, the newest run, a timer tick on it."""
+    from mmdemo.workspace import user_workspace
+
+    monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
+    run = user_workspace("browser:b1") / "runs" / ("0" * 32)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("task: classification\nbase_model: resnet18\nmethod: full\n")
+    (run / "status.json").write_text(json.dumps({"status": "stopped", "total_steps": 4}))
+    (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "epoch": 0.5, "loss": 1.0,
+                                                   "time": 1.0}) + "\n")
+    modules = loaded_after("import app, ui; b = app.on_load_browser('b1'); app.on_refresh_choices(b); "
+                           "assert ui.on_restore_run(b)['value'] == '0' * 32; app.on_tick(b, '0' * 32, '')",
+                           MMDEMO_DATA_DIR=str(tmp_path))
+    assert "torch" not in modules and "mmdemo.jobs" in modules
 
 
 def test_import_mmdemo_is_light_and_its_public_names_load_on_use():
