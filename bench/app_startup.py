@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT, emit, median, percentile, print_env  # noqa: E402
 
-from mmdemo.appserver import AppProcess  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # the app-as-a-child-process helper lives with the tests
+from appserver import AppProcess  # noqa: E402
 
 
 def torch_mapped(pid: int) -> bool:

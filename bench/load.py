@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROOT as REPO  # noqa: E402  (also puts the repository on sys.path)
 
-from mmdemo.appserver import AppProcess  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))  # the app-as-a-child-process helper lives with the tests
+from appserver import AppProcess  # noqa: E402
 
 SAMPLE = REPO / "assets" / "sample_shapes.zip"
 IMAGE = REPO / "assets" / "examples" / "cat.jpg"

@@ -13,25 +13,24 @@ import re
 import sys
 from pathlib import Path
 
+from .config import TASKS
 from .errors import UserInputError
 from .progress import dumps
 
 
 def _train_parser(sub) -> None:
+    """The train flags, one per TrainConfig field (``--no-augment`` style for the booleans); each defaults
+    to None so that only the flags given override a --config file."""
+    from .config import param_fields, param_type
+
     p = sub.add_parser("train", help="fine-tune a model (also under torchrun / accelerate launch)")
     p.add_argument("--config", help="a config.yaml; flags given as well override its values")
-    p.add_argument("--task", default=None, choices=["classification", "captioning", "vqa"])
-    p.add_argument("--data", help="a dataset: zip / folder / csv / jsonl, or an ingested dataset folder")
-    p.add_argument("--output-dir", help="the run directory to write")
-    p.add_argument("--base-model")
-    p.add_argument("--method", choices=["full", "head", "lora", "bitfit", "frozen_vision"])
-    for flag in ("epochs", "max-steps", "batch-size", "image-size", "seed", "early-stopping-patience",
-                 "log-every", "num-workers"):
-        p.add_argument(f"--{flag}", type=int)
-    for flag in ("learning-rate", "weight-decay", "warmup-ratio"):
-        p.add_argument(f"--{flag}", type=float)
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None)
+    for f in param_fields():
+        flag, kind, help_ = "--" + f.name.replace("_", "-"), param_type(f), f.metadata.get("help")
+        if kind is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the final JSON summary line")
     out.add_argument("--json", action="store_true", help="print every metrics record as a JSON line (for scripts)")
@@ -47,7 +46,7 @@ def _positive_int(text: str) -> int:
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a checkpoint on images; one JSON line per image")
     p.add_argument("--checkpoint", default="", help="a run directory or model folder ('' = ImageNet default)")
-    p.add_argument("--task", default="classification", choices=["classification", "captioning", "vqa"])
+    p.add_argument("--task", default="classification", choices=TASKS)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -59,20 +58,14 @@ def _predict_parser(sub) -> None:
 
 
 def _config_from_args(args):
-    from .config import TrainConfig
+    from .config import TrainConfig, param_fields
 
-    keys = ("task", "data", "output_dir", "base_model", "method", "epochs", "max_steps", "batch_size", "image_size",
-            "seed", "early_stopping_patience", "log_every", "num_workers", "learning_rate", "weight_decay",
-            "warmup_ratio", "augment", "pretrained")
-    flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    flags = {f.name: getattr(args, f.name) for f in param_fields() if getattr(args, f.name) is not None}
     values = {}
     if args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
+        if not Path(args.config).is_file():
             raise UserInputError(f"Config file {args.config} not found.")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = TrainConfig.load_values(args.config)
     values.update(flags)
     if values.get("base_model"):  # a folder given relative to here becomes absolute (the engine's rule)
         from .refs import resolve_model_ref
@@ -121,8 +114,8 @@ def _run_train(args) -> int:
     apply_child_limits()  # before torch loads, so that every allocation of this process counts
     stop = _StopOnSignal()
     from .progress import TrainingPrinter
-    from .training import STATUS_FILE, resume_advice, train, write_status
-    from .workspace import read_json
+    from .runs import STATUS_FILE, read_json, resume_advice, write_status
+    from .training import train
 
     _quiet_datasets()
     # Under torchrun only rank 0 speaks; the others' output would repeat it.
@@ -178,7 +171,7 @@ class _StopOnSignal:
             self._request()
 
     def _request(self) -> None:
-        from .training import STOP_FILE
+        from .runs import STOP_FILE
 
         (self.run_dir / STOP_FILE).touch()
 
@@ -201,7 +194,7 @@ def _failure_message(e: Exception, run_dir: Path | None = None) -> str:
         return (f"Out of {where}: a batch did not fit. Start a new run with a smaller batch size (e.g. half), a "
                 "smaller image size, or the 'lora' or 'head' method (far fewer gradients and optimizer states to "
                 "hold). The training process has exited, so its memory is free again.")
-    from .training import resume_advice
+    from .runs import resume_advice
 
     advice = resume_advice(run_dir) + " " if run_dir is not None else ""
     return f"Training failed: {type(e).__name__}: {e}. {advice}See train.log."

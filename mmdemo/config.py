@@ -11,31 +11,19 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
+from .taskspec import TASK_SPECS
 
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
 
-TASKS = ("classification", "captioning", "vqa")
-TASK_METHODS = {"classification": ("full", "head", "lora", "bitfit"),
-                "captioning": ("frozen_vision", "full", "lora"), "vqa": ("frozen_vision", "full", "lora")}
-METHODS = ("full", "head", "lora", "bitfit", "frozen_vision")
-DEFAULT_MODELS = {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
-                  "vqa": "efficientnet_lite0+minilm"}
-
-# Per-method defaults, used where the user leaves a value at 0 / "".  A frozen backbone takes a
-# larger step size; LoRA sits in between (its update is low rank and starts at zero).
-METHOD_DEFAULTS = {
-    "full": {"learning_rate": 1e-3, "epochs": 4, "batch_size": 16},
-    "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
-    "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
-    "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
-    # Text decoders: epochs 0 = enough epochs for about TEXT_TARGET_STEPS optimizer steps (resolved
-    # when the dataset's size is known), since a small caption set needs many passes and a VQA set few.
-    # Batch 16: on the VQA sample, 2 epochs of batch 16 reach 0.943 in 5 min on 2 CPU cores where 3 epochs
-    # of batch 32 reached 0.912 in 7 (bench/RESULTS.md).
-    "frozen_vision": {"learning_rate": 3e-4, "epochs": 0, "batch_size": 16},
-}
-TEXT_METHOD_DEFAULTS = {"full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
-                        "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
+# The tasks, their methods (the first is the default), per-method defaults and base models (the first
+# is the default) live in the task registry (mmdemo/taskspec.py); these are the views the CLI, the UI,
+# the data checks and the Hub export read.
+TASKS = tuple(TASK_SPECS)
+TASK_METHODS = {name: spec.methods for name, spec in TASK_SPECS.items()}
+METHODS = tuple(dict.fromkeys(m for spec in TASK_SPECS.values() for m in spec.methods))
+BASE_MODELS = {name: spec.base_models for name, spec in TASK_SPECS.items()}
+DEFAULT_MODELS = {name: spec.default_model for name, spec in TASK_SPECS.items()}
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 TEXT_TARGET_STEPS = 400
 # Past this the loss of any recipe here diverges within a few steps.
 MAX_LEARNING_RATE = 1.0
@@ -72,35 +60,40 @@ class TrainConfig:
     Construction validates every field and raises one ``UserInputError`` listing all problems.
     """
 
-    data: str
-    output_dir: str
-    task: str = "classification"
-    base_model: str = ""
-    method: str = ""
-    pretrained: bool = True
-    epochs: int = 0
-    max_steps: int = 0
-    batch_size: int = 0
-    image_size: int = 0
-    learning_rate: float = 0.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    label_smoothing: float = 0.1
-    augment: bool = True
-    early_stopping_patience: int = 0
-    seed: int = 0
-    log_every: int = 0  # 0: automatic (see training.log_interval)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"
-    num_workers: int = -1  # -1: automatic (see training.loader_workers)
+    data: str = field(metadata={"help": "a dataset: zip / folder / csv / jsonl, or an ingested dataset folder"})
+    output_dir: str = field(metadata={"help": "the run directory to write"})
+    task: str = field(default="classification", metadata={"help": "what the model learns", "choices": TASKS})
+    base_model: str = field(default="", metadata={
+        "help": "a registry name, timm name, Hub id, model folder or run directory ('' = the task's default)"})
+    method: str = field(default="", metadata={"help": "what trains ('' = the task's first method)", "choices": METHODS})
+    pretrained: bool = field(default=True, metadata={"help": "start from the base model's pretrained weights"})
+    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
+    batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})
+    augment: bool = field(default=True, metadata={"help": "random crops and flips (classification)"})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "evaluations without improvement before stopping (0 = off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
+    log_every: int = field(default=0, metadata={  # 0: automatic (see training.log_interval)
+        "help": "steps between metrics lines (0 = automatic: every step on the CPU, every 10 on a GPU)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    mixed_precision: str = field(default="auto", metadata={"help": "autocast precision (auto: bf16 / fp16 on a GPU, "
+                                                                   "none on the CPU)", "choices": PRECISIONS})
+    num_workers: int = field(default=-1, metadata={  # -1: automatic (see training.loader_workers)
+        "help": "data loader workers (-1 = automatic, 0 = load in the training process)"})
     checkpoint_every_minutes: float = field(default=10.0, metadata={
         "help": "also save a checkpoint within an epoch after this many minutes (0 = only at epoch ends), "
                 "so a killed run loses little when resumed"})
     checkpoint_every_steps: int = field(default=0, metadata={
         "help": "also save a checkpoint every this many optimizer steps (0 = off)"})
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
         problems = self._problems()
@@ -110,9 +103,7 @@ class TrainConfig:
         set_ = object.__setattr__
         if not self.method:
             set_(self, "method", TASK_METHODS[self.task][0])
-        defaults = METHOD_DEFAULTS[self.method]
-        if self.task != "classification":
-            defaults = TEXT_METHOD_DEFAULTS.get(self.method, defaults)
+        defaults = TASK_SPECS[self.task].method_defaults[self.method]
         if not self.base_model:
             set_(self, "base_model", DEFAULT_MODELS[self.task])
         for name in ("learning_rate", "epochs", "batch_size"):
@@ -135,7 +126,7 @@ class TrainConfig:
             p.append(f"num_workers must be -1 (automatic), 0 (load in the training process) or more "
                      f"(got {self.num_workers})")
         if self.learning_rate < 0:
-            p.append(f"learning_rate must be > 0 (got {self.learning_rate})")
+            p.append(f"learning_rate must be 0 (default) or more (got {self.learning_rate})")
         if self.learning_rate > MAX_LEARNING_RATE:
             p.append(f"learning_rate must be at most {MAX_LEARNING_RATE} (got {self.learning_rate}); "
                      "fine-tuning uses about 1e-5 to 1e-2")
@@ -155,7 +146,7 @@ class TrainConfig:
             p.append(f"log_every must be 0 (automatic) or more (got {self.log_every})")
         if self.gradient_accumulation_steps < 1 or self.lora_r < 1:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p
 
@@ -200,7 +191,8 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path) -> "TrainConfig":
+    def load_values(cls, path) -> dict:
+        """The key: value mapping of a config YAML file, unvalidated (the CLI merges its flags into it)."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
@@ -208,4 +200,29 @@ class TrainConfig:
             raise UserInputError(f"Could not read config {path.name}: {e}. Fix the YAML syntax.") from None
         if not isinstance(values, dict):
             raise UserInputError(f"Config {path.name} must be a YAML mapping of key: value lines.")
-        return cls.from_dict(values)
+        return values
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(cls.load_values(path))
+
+
+def param_fields() -> list[dataclasses.Field]:
+    """The training parameters a user sets (every TrainConfig field but ``extra``), in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+
+
+def param_type(f: dataclasses.Field) -> type:
+    """The Python type of a field (the annotations are strings under ``from __future__ import annotations``)."""
+    return {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]
+
+
+def form_params(values: dict) -> dict:
+    """Form or API values for TrainConfig: unknown names refused, None and "" left out (so the field's
+    default applies); TrainConfig itself parses the rest to the fields' types, naming any that do not parse."""
+    known = {f.name for f in param_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserInputError(f"Unknown training settings: {', '.join(unknown)}.")
+    return {name: value for name, value in values.items()
+            if value is not None and not (isinstance(value, str) and not value.strip())}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -14,24 +13,13 @@ from .checks import int_in_range, shown
 from .config import DEFAULT_MODELS
 from .errors import UserInputError
 from .images import normalize, resize_center_crop
-from .models import (DEFAULT_MODEL, META_FILE, Classifier, build_classifier, ensure_hub, imagenet_classifier,
-                     load_classifier)
+from .models import DEFAULT_MODEL, Classifier, build_classifier, ensure_hub, imagenet_classifier, load_classifier
 from .refs import local_dir
+from .runs import META_FILE, model_dir_of
+from .settings import inference_on_cpu
 from .taskspec import TASK_SPECS, task_spec
 
 _lock = threading.Lock()
-
-
-def model_dir_of(checkpoint: str | Path) -> Path | None:
-    """A run directory or a model folder (an absolute path) -> the folder holding mmdemo.json; None for
-    anything else."""
-    path = local_dir(checkpoint)
-    if path is None:
-        return None
-    for candidate in (path / "model", path):
-        if (candidate / META_FILE).is_file():
-            return candidate
-    return None
 
 
 TAB_OF = {name: spec.tab for name, spec in TASK_SPECS.items()}
@@ -98,8 +86,7 @@ def _hub_classifier(name: str) -> Classifier:
 def inference_device() -> torch.device:
     """Where the app and the CLI run models: the GPU when there is one (on a ZeroGPU Space, inside
     ``spaces.GPU``), else the CPU. MMDEMO_INFERENCE_DEVICE=cpu keeps a GPU free for training."""
-    wanted = os.environ.get("MMDEMO_INFERENCE_DEVICE", "").strip().lower()
-    if wanted == "cpu" or not torch.cuda.is_available():
+    if inference_on_cpu() or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
 

@@ -7,9 +7,7 @@ so a page reload, a second tab or an app restart all see the same runs.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -17,27 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-from . import procs
+from . import procs, settings
 from .config import TrainConfig
 from .errors import UserInputError
-from .training import METRICS_FILE, STATUS_FILE, STOP_FILE, resume_advice, write_status
-from .workspace import data_dir, read_json
-
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
-ACTIVE = ("queued", "running", "stopping")  # "stopping": a stop was asked for, the child is still saving
-
-
-def runs_dir(workspace) -> Path:
-    return Path(workspace) / "runs"
-
-
-def find_run(workspace, run_id: str) -> Path:
-    """The run directory for ``run_id`` inside this workspace, or a UserInputError."""
-    run_id = (run_id or "").strip()
-    run_dir = runs_dir(workspace) / run_id
-    if not ID_RE.match(run_id) or not (run_dir / "config.yaml").is_file():
-        raise UserInputError(f"Unknown run id '{run_id[:40]}'. Start a training run first, or pick one from the list.")
-    return run_dir
+from .runs import (ACTIVE, CONFIG_FILE, LOG_FILE, MODEL_DIR, STOP_FILE, read_metrics, read_status_file,
+                   resume_advice, runs_dir, write_status)
 
 
 class JobManager:
@@ -49,13 +31,13 @@ class JobManager:
     stops every child at its next step boundary (a checkpoint) when the app exits."""
 
     def __init__(self, max_concurrent: int | None = None, root: Path | None = None):
-        self.max_concurrent = max_concurrent or int(os.environ.get("MMDEMO_MAX_JOBS", "1"))
+        self.max_concurrent = max_concurrent or settings.max_jobs()
         self._procs: dict[Path, subprocess.Popen] = {}
         self._adopted: dict[Path, tuple[int, int | None]] = {}  # run dir -> (pid, start time)
         self._queue: list[Path] = []
         self._lock = threading.Lock()
         self._closing = False
-        self._adopted.update(procs.live_children(Path(root) if root else data_dir()))
+        self._adopted.update(procs.live_children(Path(root) if root else settings.data_dir()))
         self._thread = threading.Thread(target=self._drain_forever, daemon=True)
         self._thread.start()
 
@@ -76,7 +58,7 @@ class JobManager:
         if proc is not None:
             return proc.poll() is None
         adopted = self._adopted.get(Path(run_dir))
-        return adopted is not None and procs.is_training_child(*adopted, Path(run_dir) / "config.yaml")
+        return adopted is not None and procs.is_training_child(*adopted, Path(run_dir) / CONFIG_FILE)
 
     def stop(self, run_dir: Path) -> None:
         run_dir = Path(run_dir)
@@ -111,7 +93,7 @@ class JobManager:
         """Stops every child at its next step boundary (SIGTERM: it writes a checkpoint and exits),
         kills those still alive after ``grace`` seconds (MMDEMO_STOP_GRACE_S, default 30), and leaves
         each run stopped and resumable; queued runs stay unstarted, resumable too. Launches nothing more."""
-        grace = procs.settings()["stop_grace_s"] if grace is None else grace
+        grace = settings.job_settings()["stop_grace_s"] if grace is None else grace
         with self._lock:
             self._closing = True
             queued, self._queue = self._queue, []
@@ -120,14 +102,14 @@ class JobManager:
             children.update(self._adopted)
         for run_dir in queued:
             write_status(run_dir, "stopped", message="Not started: the app shut down first. Press Resume to start it.")
-        killed = procs.end_processes([(*c, run_dir / "config.yaml") for run_dir, c in children.items()], grace)
+        killed = procs.end_processes([(*c, run_dir / CONFIG_FILE) for run_dir, c in children.items()], grace)
         with self._lock:
             for proc in self._procs.values():
                 proc.wait()  # reaped: no zombie, and its return code known
             for run_dir in children:
                 if read_status_file(run_dir).get("status") in ACTIVE:
                     why = (f"it did not stop within {grace:g} s and was ended" if (*children[run_dir],
-                           run_dir / "config.yaml") in killed else "it ended before its status was written")
+                           run_dir / CONFIG_FILE) in killed else "it ended before its status was written")
                     write_status(run_dir, "stopped",
                                  message=f"Interrupted: the app shut down and {why}. {resume_advice(run_dir)}")
 
@@ -135,9 +117,9 @@ class JobManager:
 def _launch(run_dir: Path) -> subprocess.Popen:
     # The same command a user runs headless; its output goes to train.log for post-mortems. It sets
     # its own lower priority, thread count and memory limit from the environment (procs.child_env).
-    log = open(run_dir / "train.log", "ab")
+    log = open(run_dir / LOG_FILE, "ab")
     env = procs.child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen([sys.executable, "-m", "mmdemo", "train", "--config", str(run_dir / "config.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "mmdemo", "train", "--config", str(run_dir / CONFIG_FILE)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     log.close()
@@ -149,7 +131,7 @@ def _launch(run_dir: Path) -> subprocess.Popen:
 
 def child_alive(run_dir: Path, status: dict) -> bool:
     """Whether the child that status.json names still runs this run (pid, start time and command line)."""
-    return procs.is_training_child(status.get("pid"), status.get("pid_start"), Path(run_dir) / "config.yaml")
+    return procs.is_training_child(status.get("pid"), status.get("pid_start"), Path(run_dir) / CONFIG_FILE)
 
 
 def _mark_crashed(run_dir: Path, returncode: int | None) -> None:
@@ -167,14 +149,10 @@ def _mark_crashed(run_dir: Path, returncode: int | None) -> None:
 
 def _log_tail(run_dir: Path, lines: int = 3) -> str:
     try:
-        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-lines:]
+        tail = (run_dir / LOG_FILE).read_text(errors="replace").strip().splitlines()[-lines:]
     except OSError:
         return ""
     return "Last log lines: " + " | ".join(tail) if tail else ""
-
-
-def read_status_file(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / STATUS_FILE)
 
 
 def pid_alive(pid) -> bool:
@@ -183,20 +161,6 @@ def pid_alive(pid) -> bool:
     except (OSError, TypeError, ValueError):
         return False
     return True
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """All complete lines of metrics.jsonl (a line being written is skipped until it is whole)."""
-    path = Path(run_dir) / METRICS_FILE
-    records = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.endswith("\n"):
-                    records.append(json.loads(line))
-    except FileNotFoundError:
-        pass
-    return records
 
 
 def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
@@ -240,6 +204,12 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         if position:
             snapshot["message"] = f"Queued: position {position} (one training job runs at a time)."
     return snapshot
+
+
+def has_active_run(workspace: Path, manager: JobManager | None = None) -> bool:
+    """Whether ``workspace`` holds a queued or running run (the workspace cleanup's ``is_busy``)."""
+    runs = [cfg.parent for cfg in runs_dir(workspace).glob(f"*/{CONFIG_FILE}")]
+    return any(run_status(run_dir, manager)["status"] in ACTIVE for run_dir in runs)
 
 
 def _lost_from_queue(run_dir: Path, manager: JobManager) -> bool:
@@ -294,7 +264,7 @@ def start_training(cfg: TrainConfig, manager: JobManager) -> str:
     warning = check_run_memory(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(run_dir / CONFIG_FILE)
     write_status(run_dir, "queued", memory_warning=warning)
     manager.submit(run_dir)
     return run_dir.name
@@ -337,14 +307,14 @@ def list_runs(workspace, manager: JobManager | None = None) -> list[dict]:
     import yaml
 
     rows = []
-    for run_dir in runs_dir(workspace).glob("*/config.yaml"):
+    for run_dir in runs_dir(workspace).glob(f"*/{CONFIG_FILE}"):
         run_dir = run_dir.parent
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
         snap = run_status(run_dir, manager)
         rows.append({"run_id": run_dir.name, "task": cfg.get("task"), "base_model": _short(cfg.get("base_model", "")),
                      "method": cfg.get("method"), "status": snap["status"], "metrics": snap["metrics"],
-                     "created": (run_dir / "config.yaml").stat().st_mtime,
-                     "has_model": (run_dir / "model").is_dir()})
+                     "created": (run_dir / CONFIG_FILE).stat().st_mtime,
+                     "has_model": (run_dir / MODEL_DIR).is_dir()})
     return sorted(rows, key=lambda r: r["created"], reverse=True)
 
 
@@ -352,29 +322,6 @@ def _short(base_model: str) -> str:
     # A continued run's base is a path inside the workspace: show its run id, never the path.
     path = Path(base_model)
     return path.name if path.is_absolute() else base_model
-
-
-def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
-    """(image, caption) pairs for the report gallery: the misclassified validation images
-    ("true → predicted"), or for captioning / VQA the reference vs the predicted text."""
-    import yaml
-
-    from .data import load_splits
-
-    result = json.loads((Path(run_dir) / "eval.json").read_text())
-    rows = (result.get("misclassified") or result.get("examples") or [])[:limit]
-    if not rows:
-        return []
-    data = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("data", "")
-    validation = load_splits(data)["validation"]
-    return [(validation[r["row"]]["image"], _example_caption(r)) for r in rows]
-
-
-def _example_caption(row: dict) -> str:
-    if "label" in row:
-        return f"{row['label']} → {row['predicted']}"
-    question = f"{row['question']} " if row.get("question") else ""
-    return f"{question}ref: {row['references'][0]} · predicted: {row['predicted']}"
 
 
 # Seconds per training row and per validation row on 2 CPU cores with the default recipe, measured on
@@ -422,7 +369,7 @@ def run_warnings(run_dir: Path) -> list[str]:
     """``start_warnings`` for a run directory's config and dataset, and its memory warning if any."""
     from .data import load_summary
 
-    cfg = TrainConfig.load(Path(run_dir) / "config.yaml")
+    cfg = TrainConfig.load(Path(run_dir) / CONFIG_FILE)
     memory = memory_warning(run_dir)
     return start_warnings(load_summary(cfg.data), cfg) + ([memory] if memory else [])
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import procs
+from . import procs, settings
 from .errors import UserInputError
 
 MB = 2**20
@@ -113,7 +113,7 @@ def available_for_job() -> tuple[int, str]:
     """The memory a new child can use and where it is: the machine's MemAvailable, capped by the
     child's own limit (MMDEMO_JOB_MEMORY_LIMIT)."""
     available, where = procs.available_memory_bytes(), "the machine has"
-    limit = procs.settings()["memory_limit"]
+    limit = settings.job_settings()["memory_limit"]
     if limit and limit < available:
         available, where = limit, "one training job may use (MMDEMO_JOB_MEMORY_LIMIT)"
     return available, where

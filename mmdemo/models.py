@@ -14,9 +14,9 @@ resolves a name to the first family whose ``matches`` accepts it.
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,11 +26,11 @@ from torch import nn
 from .errors import UserInputError
 from .families import get_family, register_family, resolve_family
 from .refs import local_dir
+from .runs import META_FILE
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_HINT = (f"Available offline: '{DEFAULT_MODEL}' (ImageNet weights shipped in a package), "
                 "a previous run of this session, or a local model folder.")
-META_FILE = "mmdemo.json"
 
 
 @dataclass
@@ -302,18 +302,29 @@ def ensure_hub(name: str) -> None:
                              f"(offline mode or no network). {OFFLINE_HINT}")
 
 
-@functools.cache
+# A cached answer saves the connection timeout per build; a "no" is asked again after a minute, so a
+# network that comes back (or a Space whose outbound access was just enabled) is noticed.
+HUB_REACHABLE_TTL_S = {True: 600.0, False: 60.0}
+_hub_answer: tuple[bool, float] | None = None
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
+    global _hub_answer
+    if _hub_answer is not None and time.monotonic() - _hub_answer[1] < HUB_REACHABLE_TTL_S[_hub_answer[0]]:
+        return _hub_answer[0]
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return False
-    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+        reachable = False
+    else:
+        host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+        try:
+            socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+            reachable = True
+        except OSError:
+            reachable = False
+    _hub_answer = (reachable, time.monotonic())
+    return reachable
 
 
 def _build_timm(name, labels, pretrained) -> Classifier:

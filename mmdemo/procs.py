@@ -25,27 +25,6 @@ CHILD_NICE = 10
 CHILD_LIMIT_ENV, CHILD_NICE_ENV = "MMDEMO_CHILD_RLIMIT_DATA", "MMDEMO_CHILD_NICE"
 
 
-def settings(env=None) -> dict:
-    """The job settings from the environment, read in one place.
-
-    MMDEMO_STOP_GRACE_S: seconds a child has to stop after the app's SIGTERM (default 30).
-    MMDEMO_JOB_MEMORY_LIMIT: the memory one child may use: a fraction of RAM (``0.5``), megabytes
-    (``4096``, ``4096mb``), gigabytes (``8gb``) or ``0`` / ``off`` for none. Default: 0.8 of RAM on the
-    CPU; none where a GPU is visible, since CUDA reserves huge address ranges that a data limit may count.
-    MMDEMO_TRAIN_THREADS: CPU threads of a child (default: all cores, less one for the server when
-    there are more than two).
-    """
-    env = os.environ if env is None else env
-    total = total_memory_bytes()
-    raw = str(env.get("MMDEMO_JOB_MEMORY_LIMIT", "")).strip().lower()
-    limit = parse_memory_limit(raw, total) if raw else (None if gpu_visible() else int(total * DEFAULT_MEMORY_FRACTION))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = env.get("MMDEMO_TRAIN_THREADS", "").strip()
-    return {"stop_grace_s": float(env.get("MMDEMO_STOP_GRACE_S", "") or DEFAULT_STOP_GRACE_S),
-            "memory_limit": limit,
-            "threads": max(1, int(threads)) if threads else (cores - 1 if cores > 2 else cores)}
-
-
 def parse_memory_limit(text: str, total: int) -> int | None:
     """``0.5`` -> half of ``total``; ``4096`` / ``4096mb`` -> MiB; ``8gb`` -> GiB; ``0`` / ``off`` -> None."""
     text = text.strip().lower().replace(" ", "")
@@ -156,7 +135,9 @@ def live_children(root: Path) -> dict[Path, tuple[int, int | None]]:
 
 def child_env(base: dict, cfg: dict | None = None) -> dict:
     """The environment of a training child: its thread count and the memory limit it applies to itself."""
-    cfg = cfg or settings(base)
+    from .settings import job_settings
+
+    cfg = cfg or job_settings(base)
     threads = str(cfg["threads"])
     env = {**base, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, CHILD_NICE_ENV: str(CHILD_NICE)}
     env.pop(CHILD_LIMIT_ENV, None)
@@ -171,13 +152,14 @@ def apply_child_limits() -> int | None:
     anonymous memory, what tensors are made of; unlike RLIMIT_AS it leaves mapped libraries alone). An
     allocation past it fails inside this process, which then reports the out-of-memory advice, instead
     of the kernel's OOM killer choosing among all processes. Returns the limit applied, if any."""
-    nice = os.environ.get(CHILD_NICE_ENV, "")
+    from .settings import child_limits
+
+    nice, raw = child_limits()
     if nice.isdigit():
         try:
             os.nice(max(0, int(nice) - os.nice(0)))
         except OSError:
             pass
-    raw = os.environ.get(CHILD_LIMIT_ENV, "")
     if not raw.isdigit():
         return None
     limit = int(raw)

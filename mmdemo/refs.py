@@ -13,7 +13,6 @@ folder relative to the server's working directory.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -31,7 +30,9 @@ MODEL_META = "mmdemo.json"  # models.META_FILE (models imports torch)
 
 def local_models_allowed() -> bool:
     """Whether the app and the API accept local model folders (MMDEMO_ALLOW_LOCAL_MODELS=1)."""
-    return os.environ.get(ALLOW_LOCAL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    from .settings import allow_local_models
+
+    return allow_local_models()
 
 
 def is_hub_id(text: str) -> bool:

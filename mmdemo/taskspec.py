@@ -23,7 +23,8 @@ class TaskSpec:
         columns: dataset columns a training run needs (a dataset ingested for another task lacks them).
         methods: the training methods it accepts; the first one is the default.
         method_defaults: method -> learning_rate / epochs / batch_size used where the user leaves 0.
-        default_model: the base model when none is given (an offline one).
+        base_models: the base models the Train tab suggests; the first is the default when none is given
+            (an offline one), the others need the Hub.
         tab: the UI tab that predicts with a model of this task.
         hub_example: a Hub model id suggested when there is no model yet ("" when the task has an
             offline predictor before any run).
@@ -38,7 +39,7 @@ class TaskSpec:
     columns: frozenset[str]
     methods: tuple[str, ...]
     method_defaults: dict = field(hash=False)
-    default_model: str
+    base_models: tuple[str, ...]
     tab: str
     hub_example: str
     pipeline_tag: str
@@ -47,6 +48,10 @@ class TaskSpec:
     ingest: str
     training: str
     predictor: str
+
+    @property
+    def default_model(self) -> str:
+        return self.base_models[0]
 
     def resolve(self, attribute: str):
         """The object one of the reference fields ("ingest", "training", "predictor") names."""
@@ -81,7 +86,7 @@ _TEXT_METHOD_DEFAULTS = {"frozen_vision": {"learning_rate": 3e-4, "epochs": 0, "
                          "full": {"learning_rate": 1e-4, "epochs": 0, "batch_size": 32},
                          "lora": {"learning_rate": 1e-3, "epochs": 0, "batch_size": 32}}
 _TEXT = dict(methods=("frozen_vision", "full", "lora"), method_defaults=_TEXT_METHOD_DEFAULTS,
-             default_model="efficientnet_lite0+minilm", pipeline_tag="image-text-to-text",
+             pipeline_tag="image-text-to-text",
              ingest="mmdemo.data.text:ingest_text", training="mmdemo.tasks:TextTask",
              predictor="mmdemo.vlm:load_text_predictor")
 
@@ -91,11 +96,15 @@ register_task(TaskSpec(
      "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
      "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
      "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16}},
-    default_model="efficientnet_lite0", tab="Classify", hub_example="", pipeline_tag="image-classification",
+    base_models=("efficientnet_lite0", "resnet18", "google/vit-base-patch16-224-in21k"), tab="Classify", hub_example="", pipeline_tag="image-classification",
     hub_tag="image-classification", title="Image Classification",
     ingest="mmdemo.data.classification:ingest_classification", training="mmdemo.tasks:ClassificationTask",
     predictor="mmdemo.inference:load_classifier_predictor"))
-register_task(TaskSpec("captioning", frozenset({"captions"}), tab="Caption", hub_tag="image-captioning",
+register_task(TaskSpec("captioning", frozenset({"captions"}), tab="Caption",
+                       base_models=("efficientnet_lite0+minilm", "Salesforce/blip-image-captioning-base",
+                                    "microsoft/git-base"), hub_tag="image-captioning",
                        hub_example="Salesforce/blip-image-captioning-base", title="Image Captioning", **_TEXT))
-register_task(TaskSpec("vqa", frozenset({"question", "answers"}), tab="Ask", hub_tag="visual-question-answering",
+register_task(TaskSpec("vqa", frozenset({"question", "answers"}), tab="Ask",
+                       base_models=("efficientnet_lite0+minilm", "Salesforce/blip-vqa-base",
+                                    "HuggingFaceTB/SmolVLM-256M-Instruct"), hub_tag="visual-question-answering",
                        hub_example="Salesforce/blip-vqa-base", title="Visual Question Answering", **_TEXT))

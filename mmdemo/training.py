@@ -1,13 +1,6 @@
 """The training loop: accelerate, metrics.jsonl, atomic checkpoints, cooperative stop, resume.
 
-Run directory contract (read by ``mmdemo.jobs`` and the UI):
-    config.yaml      the resolved TrainConfig
-    status.json      {"status": running|completed|failed|stopped, "total_steps", "message", ...}
-    metrics.jsonl    one JSON object per log step ("train") and per evaluation ("eval"), flushed
-    checkpoint-N/    model + optimizer + loop state; ``latest`` names the newest complete one
-    model/           the fine-tuned model (see models.save_classifier); adapter/ for LoRA
-    eval.json        final metrics, per-class P/R/F1, confusion matrix, misclassified examples
-    STOP             created by whoever wants the run to stop at the next step boundary
+It writes the run directory whose contract (file names, readers, atomic writers) is ``mmdemo.runs``.
 """
 
 from __future__ import annotations
@@ -27,41 +20,9 @@ from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
 from .models import count_parameters
 from .progress import dumps
+from .runs import (CONFIG_FILE, EVAL_FILE, LATEST_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status,
+                   write_text_atomic)
 from .tasks import make_task
-
-STOP_FILE, STATUS_FILE, METRICS_FILE, LATEST_FILE = "STOP", "status.json", "metrics.jsonl", "latest"
-
-
-def checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the checkpoint that ``latest`` names, or None when there is no complete one."""
-    try:
-        name = (Path(run_dir) / LATEST_FILE).read_text().strip()
-        step = int(name.removeprefix("checkpoint-"))
-    except (OSError, ValueError):
-        return None
-    return step if (Path(run_dir) / name / "state.json").is_file() else None
-
-
-def resume_advice(run_dir: Path) -> str:
-    """What Resume will do for this run: continue from its checkpoint, or start again without one."""
-    step = checkpoint_step(run_dir)
-    if step is None:
-        return "No checkpoint was saved yet: press Resume to start it again from the beginning."
-    return f"The checkpoint at step {step} is kept: press Resume to continue from it."
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Readers (the UI polling status) never see a half-written file: temp file + rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def write_status(run_dir: Path, status: str, **fields) -> None:
-    path = Path(run_dir) / STATUS_FILE
-    old = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, {**old, **fields, "status": status, "updated": time.time()})
-
 
 class MetricsWriter:
     """Appends one JSON line per event and flushes it, so a poller sees each step as it happens;
@@ -161,7 +122,7 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     task = make_task(cfg, load_splits(cfg.data))
     cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size))
     if main:
-        _save_config(cfg, run_dir / "config.yaml")
+        _save_config(cfg, run_dir / CONFIG_FILE)
 
     sampler = EpochSampler(len(task.train_ds), cfg.seed)
     workers = loader_workers(cfg, acc.num_processes)
@@ -201,7 +162,7 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         result = task.report(model, val_loader, acc, loop.step)
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
-        write_json_atomic(run_dir / "eval.json", result)
+        write_json_atomic(run_dir / EVAL_FILE, result)
         writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank)
         message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
         headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match") if k in result}
@@ -395,12 +356,6 @@ def save_checkpoint(run_dir: Path, acc, optimizer, scheduler, state: dict) -> No
     if previous and previous != name:
         shutil.rmtree(run_dir / previous, ignore_errors=True)
     acc.wait_for_everyone()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _resume(run_dir: Path, acc, optimizer, scheduler) -> dict:

@@ -4,41 +4,22 @@ it has not been touched for MMDEMO_WORKSPACE_TTL_HOURS (a public Space's disk is
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+from .runs import CONFIG_FILE, runs_dir
+from .settings import cleanup_interval_s, data_dir, workspace_ttl_hours
+
 log = logging.getLogger(__name__)
-DEFAULT_TTL_HOURS = 72
-DEFAULT_CLEANUP_INTERVAL_S = 3600
 TRASH_PREFIX = ".trash-"
 _cleanup_lock = threading.Lock()
 _cleanup_started = False
-
-
-def read_json(path) -> dict:
-    """A JSON object that the engine wrote into a workspace (status, summary, report...), or {} when the
-    file is missing, being rewritten, or holds no object."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def data_dir() -> Path:
-    """``MMDEMO_DATA_DIR``, else a Space's persistent storage (``/data``) when writable, else ./data."""
-    configured = os.environ.get("MMDEMO_DATA_DIR")
-    if configured:
-        return Path(configured)
-    if os.path.isdir("/data") and os.access("/data", os.W_OK):
-        return Path("/data/mmdemo")
-    return Path("data").resolve()
 
 
 def user_workspace(user_key: str) -> Path:
@@ -50,19 +31,16 @@ def user_workspace(user_key: str) -> Path:
     return path
 
 
-def workspace_ttl_hours() -> float:
-    """``MMDEMO_WORKSPACE_TTL_HOURS`` (default 72); 0 or less keeps workspaces forever."""
-    value = os.environ.get("MMDEMO_WORKSPACE_TTL_HOURS", "").strip()
-    return float(value) if value else float(DEFAULT_TTL_HOURS)
-
-
-def cleanup_workspaces(now: float | None = None, *, root: Path | None = None, manager=None) -> list[Path]:
+def cleanup_workspaces(now: float | None = None, *, root: Path | None = None,
+                       is_busy: Callable[[Path], bool] | None = None) -> list[Path]:
     """Removes the user workspaces untouched for longer than the TTL that have no queued or running run.
 
     Args:
         now: the time to judge ages against (default: now).
         root: the data directory (default: data_dir()).
-        manager: the app's JobManager, if any: a run it does not know is not really queued.
+        is_busy: ``is_busy(workspace) -> bool``, True while the workspace has a queued or running run
+            (the app passes one built from its job manager, see ``jobs.has_active_run``). Without it,
+            no workspace that holds a run is removed.
 
     Returns:
         The workspace folders removed.
@@ -77,7 +55,7 @@ def cleanup_workspaces(now: float | None = None, *, root: Path | None = None, ma
         if wsp.name.startswith(TRASH_PREFIX):
             shutil.rmtree(wsp, ignore_errors=True)  # left by a cleanup that was interrupted
             continue
-        if not wsp.is_dir() or wsp.is_symlink() or _newest_mtime(wsp) > cutoff or _has_active_run(wsp, manager):
+        if not wsp.is_dir() or wsp.is_symlink() or _newest_mtime(wsp) > cutoff or _busy(wsp, is_busy):
             continue
         # One rename takes it out of reach, then the slow delete; a user arriving meanwhile gets a new one.
         trash = users / f"{TRASH_PREFIX}{wsp.name}-{uuid.uuid4().hex[:8]}"
@@ -103,30 +81,28 @@ def _newest_mtime(folder: Path) -> float:
     return newest
 
 
-def _has_active_run(wsp: Path, manager) -> bool:
-    runs = [p.parent for p in (wsp / "runs").glob("*/config.yaml")]
-    if not runs:
+def _busy(wsp: Path, is_busy) -> bool:
+    if not any(runs_dir(wsp).glob(f"*/{CONFIG_FILE}")):
         return False
-    from .jobs import ACTIVE, run_status  # only for old workspaces with runs: jobs imports torch
-
-    return any(run_status(run_dir, manager)["status"] in ACTIVE for run_dir in runs)
+    return True if is_busy is None else is_busy(wsp)
 
 
-def start_cleanup(manager=None, interval_s: float | None = None) -> None:
+def start_cleanup(is_busy: Callable[[Path], bool] | None = None, interval_s: float | None = None) -> None:
     """Runs cleanup_workspaces now and then every MMDEMO_CLEANUP_INTERVAL_S seconds (default an hour) in
-    a daemon thread; a second call does nothing. The data directory is fixed when it starts."""
+    a daemon thread; a second call does nothing. The data directory is fixed when it starts. ``is_busy``: as
+    for cleanup_workspaces."""
     global _cleanup_started
     with _cleanup_lock:
         if _cleanup_started:
             return
         _cleanup_started = True
     root = data_dir()
-    interval = interval_s or float(os.environ.get("MMDEMO_CLEANUP_INTERVAL_S", "") or DEFAULT_CLEANUP_INTERVAL_S)
+    interval = interval_s or cleanup_interval_s()
 
     def clean_forever():
         while True:
             try:
-                cleanup_workspaces(root=root, manager=manager)
+                cleanup_workspaces(root=root, is_busy=is_busy)
             except Exception:  # noqa: BLE001 - a failed sweep must not end the thread; the next one retries
                 log.exception("Workspace cleanup failed")
             time.sleep(interval)

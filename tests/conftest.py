@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from mmdemo.appserver import AppProcess, AppStartError  # noqa: E402
+from appserver import AppProcess, AppStartError  # noqa: E402
 
 STARTUP_TIMEOUT_S = 90
 

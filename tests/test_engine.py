@@ -68,7 +68,7 @@ def tiny_cfg(dataset, out, **kw) -> TrainConfig:
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(UserInputError, match=r"method must be one of .*; epochs must be 0 \(default\) or more.*"
-                                             r"learning_rate must be > 0"):
+                                             r"learning_rate must be 0 \(default\) or more"):
         TrainConfig(data="d", output_dir="o", method="magic", epochs=-1, learning_rate=-1)
 
 
@@ -341,3 +341,17 @@ def test_torchrun_two_processes_share_the_work(dataset, tmp_path):
     end = records[-1]
     assert end["type"] == "end" and len(end["samples_per_rank"]) == 2 and end["samples_per_rank"] == [3 * 4, 3 * 4]
     assert (run / "model/model.safetensors").exists()
+
+
+def test_a_negative_hub_answer_is_asked_again_after_its_time_to_live(monkeypatch):
+    import mmdemo.models as models
+
+    now = time.monotonic()
+    monkeypatch.setattr(models, "_hub_answer", (True, now - 61))
+    assert models.hub_reachable() is True  # a "yes" is kept longer than a minute
+    monkeypatch.setattr(models, "_hub_answer", (True, now - models.HUB_REACHABLE_TTL_S[True] - 1))
+    assert models.hub_reachable() is False  # asked again: the tests run offline
+    monkeypatch.setattr(models, "_hub_answer", (False, now - models.HUB_REACHABLE_TTL_S[False] + 30))
+    assert models.hub_reachable() is False and models._hub_answer[1] == now - models.HUB_REACHABLE_TTL_S[False] + 30
+    monkeypatch.setattr(models, "_hub_answer", (False, now - models.HUB_REACHABLE_TTL_S[False] - 1))
+    assert models.hub_reachable() is False and models._hub_answer[1] > now

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import pytest
 from PIL import Image
 
-from mmdemo.appserver import AppProcess
+from appserver import AppProcess
 from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.errors import UserInputError
 

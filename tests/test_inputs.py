@@ -22,7 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from mmdemo.appserver import AppProcess
+from appserver import AppProcess
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset, open_image
 from mmdemo.errors import UserInputError

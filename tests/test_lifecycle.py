@@ -1,6 +1,6 @@
 """Training children live and die with the app: SIGTERM stops them at a checkpoint, a crashed app's
 children are adopted by the next one; recycled pids are told apart; the memory guard before launch and
-the child's own memory limit. Real app processes (mmdemo.appserver.AppProcess), real training runs."""
+the child's own memory limit. Real app processes (tests/appserver.py), real training runs."""
 
 import json
 import os
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from mmdemo import procs
-from mmdemo.appserver import AppProcess
+from mmdemo import procs, settings
+from appserver import AppProcess
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
 from mmdemo.jobs import JobManager, child_alive, read_status_file, start_training
-from mmdemo.training import checkpoint_step
+from mmdemo.runs import checkpoint_step
 from mmdemo.errors import UserInputError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,7 +180,7 @@ def test_settings_parse_the_memory_limit_and_threads():
     assert procs.parse_memory_limit("4096", total) == 4096 * 2**20
     assert procs.parse_memory_limit("2gb", total) == 2 * 2**30
     assert procs.parse_memory_limit("off", total) is None
-    cfg = procs.settings({"MMDEMO_JOB_MEMORY_LIMIT": "1500mb", "MMDEMO_TRAIN_THREADS": "1"})
+    cfg = settings.job_settings({"MMDEMO_JOB_MEMORY_LIMIT": "1500mb", "MMDEMO_TRAIN_THREADS": "1"})
     assert cfg["memory_limit"] == 1500 * 2**20 and cfg["threads"] == 1
     env = procs.child_env({}, cfg)
     assert env["OMP_NUM_THREADS"] == "1" and env[procs.CHILD_LIMIT_ENV] == str(1500 * 2**20)

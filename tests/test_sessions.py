@@ -1,6 +1,7 @@
 """Users, workspaces and jobs: isolation through the real app, workspace cleanup, a training child killed
 (or the app restarted) mid-run and resumed from its checkpoint, and a real out-of-memory failure."""
 
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from mmdemo import jobs, workspace
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
-from mmdemo.jobs import JobManager, list_runs, new_run_config, read_metrics, run_status
+from mmdemo.jobs import JobManager, has_active_run, list_runs, new_run_config, read_metrics, run_status
 from mmdemo.workspace import cleanup_workspaces, user_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,9 +140,10 @@ def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
         age(wsp, 100 if wsp != recent else 1)
     (touched / "datasets" / "d" / "summary.json").touch()  # one new file deep inside keeps it
     (tmp_path / "users" / "notes.txt").write_text("not a workspace")
+    busy = has_active_run  # judged from the run directories alone (no job manager)
 
-    assert cleanup_workspaces(now=time.time() - 50 * 3600) == []  # 50 hours ago none was 72 hours old
-    removed = cleanup_workspaces()
+    assert cleanup_workspaces(now=time.time() - 50 * 3600, is_busy=busy) == []  # 50 hours ago none was 72 hours old
+    removed = cleanup_workspaces(is_busy=busy)
     assert sorted(removed) == sorted([old, finished, crashed])
     assert not any(p.exists() for p in removed)
     assert all(p.is_dir() for p in (running, queued, recent, touched))
@@ -149,15 +151,25 @@ def test_cleanup_removes_old_idle_workspaces_only(tmp_path, monkeypatch):
         [running.name, queued.name, recent.name, touched.name, "notes.txt"])
 
     # A queued run that the app's job manager does not hold was queued before a restart: not active.
-    assert cleanup_workspaces(manager=JobManager(max_concurrent=1)) == [queued]
+    assert cleanup_workspaces(is_busy=functools.partial(has_active_run, manager=JobManager(max_concurrent=1))) == [queued]
     monkeypatch.setenv("MMDEMO_WORKSPACE_TTL_HOURS", "200")
     age(recent, 150)
-    assert cleanup_workspaces() == []
+    assert cleanup_workspaces(is_busy=busy) == []
     monkeypatch.setenv("MMDEMO_WORKSPACE_TTL_HOURS", "0")  # 0: keep everything
     age(recent, 10_000)
-    assert cleanup_workspaces() == []
+    assert cleanup_workspaces(is_busy=busy) == []
     live.kill()
     live.wait()
+
+
+def test_cleanup_without_a_busy_check_keeps_every_workspace_with_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDEMO_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MMDEMO_WORKSPACE_TTL_HOURS", raising=False)
+    idle, finished = make_workspace("idle"), make_workspace("finished", {"status": "completed"})
+    age(idle, 100)
+    age(finished, 100)
+    assert cleanup_workspaces() == [idle]
+    assert finished.is_dir()
 
 
 def test_the_app_starts_the_cleanup_with_its_job_manager(tmp_path, monkeypatch):

@@ -10,8 +10,10 @@ import uuid
 
 import gradio as gr
 
+from mmdemo.api import DEFAULT_CHECKPOINT
+
 from .api import register_api
-from .common import DEFAULT_CHECKPOINT, TASKS, browser_workspace, user_errors
+from .common import TASKS, browser_workspace, user_errors
 from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
 from .predict_tabs import build_classify_tab, build_text_tab, on_answer, on_caption, on_classify
 from .train_tab import build_train_tab, on_pick_dataset, on_resume, on_start, on_stop, on_tick, run_choices
@@ -69,12 +71,11 @@ def build_demo() -> gr.Blocks:
         gr.Markdown("# mmdemo\nUpload labelled images, fine-tune a model, and try it, all in the browser.")
         browser_id = gr.BrowserState("", storage_key="mmdemo-browser-id")
         file, task, hub_id, load, sample, summary, counts, gallery = build_dataset_tab()
-        (settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
+        (dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
          gpu_notice) = build_train_tab(browser_id)
         checkpoint, image, labels, classify_button = build_classify_tab()
         cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
         vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
-        dataset = settings[0]
         private = {"api_visibility": "private"}
         choices = [dataset, run, checkpoint, cap_ckpt, vqa_ckpt]
 
@@ -83,8 +84,9 @@ def build_demo() -> gr.Blocks:
             on_refresh_choices, browser_id, choices, **private).then(on_restore_run, browser_id, run, **private)
         load.click(on_load_dataset, [browser_id, file, hub_id, task], [summary, counts, gallery, dataset], **private)
         sample.click(on_sample, [browser_id, task], [summary, counts, gallery, dataset], **private)
-        dataset.change(on_pick_dataset, [browser_id, dataset], [settings[1], settings[2], gpu_notice], **private)
-        start.click(on_start, [browser_id, *settings], run, **private)
+        dataset.change(on_pick_dataset, [browser_id, dataset], [fields["base_model"], fields["method"], gpu_notice],
+                       **private)
+        start.click(on_start, [browser_id, dataset], run, inputs_kwargs=fields, **private)
         stop.click(on_stop, [browser_id, run], None, **private)
         resume.click(on_resume, [browser_id, run], None, **private)
         reported = gr.State("")

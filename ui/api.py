@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .common import (api_workspace, do_answer, do_caption, do_classify, do_load_dataset, do_push, do_start_training,
-                     do_status, do_stop, file_path, manager, read_image, user_errors)
+from mmdemo import api
+
+from .common import answer, api_workspace, caption, classify, file_path, manager, read_image, user_errors
 
 
 def api_load_dataset(file: dict, task: str = "classification", request: gr.Request = None) -> dict:
     """Ingests an uploaded dataset; returns its summary."""
-    summary = do_load_dataset(api_workspace(request), file_path(file), task)
+    summary = api.ingest(api_workspace(request), file_path(file), task)
     keys = ("dataset_id", "task", "num_train", "num_val", "num_test", "classes", "warnings", "counts")
     return {k: summary[k] for k in keys}
 
@@ -18,61 +19,55 @@ def api_load_dataset(file: dict, task: str = "classification", request: gr.Reque
 def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
                        learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
                        max_steps: int = 0, request: gr.Request = None) -> dict:
-    """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name absurd settings
-    (far too many epochs, days on the CPU)."""
-    from mmdemo.jobs import find_run, run_warnings
-
+    """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name settings that will
+    run far too long or close to the memory there is."""
     wsp = api_workspace(request)
-    run_id = do_start_training(wsp, dataset_id, base_model=base_model, method=method or None,
-                               epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                               image_size=image_size, max_steps=max_steps)
-    return {"run_id": run_id, "warnings": run_warnings(find_run(wsp, run_id))}
+    run_id = api.start(wsp, dataset_id, manager=manager(), base_model=base_model, method=method,
+                       epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, image_size=image_size,
+                       max_steps=max_steps)
+    return {"run_id": run_id, "warnings": api.run_warnings(wsp, run_id)}
 
 
 def api_training_status(run_id: str, request: gr.Request = None) -> dict:
     """Status, progress, loss curve and validation metrics of a run."""
-    return do_status(api_workspace(request), run_id)
+    return api.status(api_workspace(request), run_id, manager=manager())
 
 
 def api_stop_training(run_id: str, request: gr.Request = None) -> dict:
     """Asks a run to stop at its next step boundary (it keeps a usable checkpoint)."""
-    return do_stop(api_workspace(request), run_id)
+    return api.stop(api_workspace(request), run_id, manager=manager())
 
 
 def api_resume_training(run_id: str, request: gr.Request = None) -> dict:
     """Continues a stopped or failed run from its last checkpoint."""
-    from mmdemo.jobs import find_run, resume_training
-
-    return resume_training(find_run(api_workspace(request), run_id), manager())
+    return api.resume(api_workspace(request), run_id, manager=manager())
 
 
 def api_classify(image: dict, checkpoint: str = "", top_k: int = 5, request: gr.Request = None) -> dict:
     """Top-k labels with probabilities for an image."""
-    return do_classify(api_workspace(request), read_image(image), checkpoint, top_k)
+    return classify(api_workspace(request), read_image(image), checkpoint, top_k)
 
 
 def api_caption(image: dict, checkpoint: str = "", max_new_tokens: int = 30, num_beams: int = 1,
                 request: gr.Request = None) -> str:
     """A caption for an image from a captioning run (or a Hub id)."""
-    return do_caption(api_workspace(request), read_image(image), checkpoint, max_new_tokens, num_beams)
+    return caption(api_workspace(request), read_image(image), checkpoint, max_new_tokens, num_beams)
 
 
 def api_answer(image: dict, question: str, checkpoint: str = "", max_new_tokens: int = 10, num_beams: int = 1,
                request: gr.Request = None) -> str:
     """The answer to a question about an image, from a VQA run (or a Hub id)."""
-    return do_answer(api_workspace(request), read_image(image), question, checkpoint, max_new_tokens, num_beams)
+    return answer(api_workspace(request), read_image(image), question, checkpoint, max_new_tokens, num_beams)
 
 
 def api_push_to_hub(run_id: str, repo_id: str, token: str = "", private: bool = True, request: gr.Request = None) -> dict:
     """Pushes a finished run's model and model card to the Hub; returns {url, files}."""
-    return do_push(api_workspace(request), run_id, repo_id, token, private)
+    return api.push(api_workspace(request), run_id, repo_id, token, private)
 
 
 def api_list_runs(request: gr.Request = None) -> list:
     """This session's runs with task, base model, method, status and metrics."""
-    from mmdemo.jobs import list_runs
-
-    return list_runs(api_workspace(request), manager())
+    return api.list_runs(api_workspace(request), manager=manager())
 
 
 def register_api() -> None:

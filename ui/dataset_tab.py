@@ -6,7 +6,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import MAX_UPLOAD, SAMPLES, TASKS, browser_workspace, do_load_dataset, file_path, user_errors
+from mmdemo import api
+
+from .common import MAX_UPLOAD, SAMPLES, TASKS, browser_workspace, file_path, user_errors
 
 
 def summary_markdown(summary: dict) -> str:
@@ -26,11 +28,9 @@ def counts_frame(summary: dict):
 
 @user_errors
 def on_load_dataset(browser_id, file, hub_id, task):
-    from mmdemo.data import find_dataset, preview_images
-
     wsp = browser_workspace(browser_id)
-    summary = do_load_dataset(wsp, file_path(file) or (hub_id or "").strip(), task)
-    previews = preview_images(find_dataset(wsp, summary["dataset_id"]))
+    summary = api.ingest(wsp, file_path(file) or (hub_id or "").strip(), task)
+    previews = api.dataset_previews(wsp, summary["dataset_id"])
     gallery = [(img, name) for name, imgs in previews.items() for img in imgs]
     return (summary_markdown(summary), counts_frame(summary), gallery,
             gr.update(choices=dataset_choices(wsp), value=summary["dataset_id"]))
@@ -41,11 +41,8 @@ def on_sample(browser_id, task):
 
 
 def dataset_choices(wsp: Path) -> list[tuple[str, str]]:
-    from mmdemo.data import load_summary
-
     rows = []
-    for path in sorted((wsp / "datasets").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        s = load_summary(path.parent)
+    for s in api.list_datasets(wsp):
         what = f"{len(s.classes)} classes" if s.task == "classification" else s.task
         rows.append((f"{s.dataset_id[:8]} · {what} · {s.num_train + s.num_val + s.num_test} images", s.dataset_id))
     return rows

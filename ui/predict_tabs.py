@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import gradio as gr
 
+from mmdemo.api import DEFAULT_CHECKPOINT
 from mmdemo.errors import UserInputError
 
-from .common import (DEFAULT_CHECKPOINT, EXAMPLES, SHAPE_EXAMPLES, browser_workspace, do_answer, do_caption,
-                     do_classify, user_errors)
+from .common import EXAMPLES, SHAPE_EXAMPLES, answer, browser_workspace, caption, classify, user_errors
 
 
 @user_errors
 def on_classify(browser_id, image, checkpoint):
     if image is None:
         raise UserInputError("Drop an image first (or click an example).")
-    return do_classify(browser_workspace(browser_id), image, checkpoint or "")
+    return classify(browser_workspace(browser_id), image, checkpoint or "")
 
 
 @user_errors
 def on_caption(browser_id, image, checkpoint, max_new_tokens, beams):
     if image is None:
         raise UserInputError("Drop an image first (or click an example).")
-    return do_caption(browser_workspace(browser_id), image, checkpoint or "", max_new_tokens, beams)
+    return caption(browser_workspace(browser_id), image, checkpoint or "", max_new_tokens, beams)
 
 
 @user_errors
 def on_answer(browser_id, image, question, checkpoint, max_new_tokens, beams):
     if image is None:
         raise UserInputError("Drop an image first (or click an example).")
-    return do_answer(browser_workspace(browser_id), image, question, checkpoint or "", max_new_tokens, beams)
+    return answer(browser_workspace(browser_id), image, question, checkpoint or "", max_new_tokens, beams)
 
 
 def build_classify_tab():

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import gradio as gr
 
+from mmdemo import api, runs
 from mmdemo.errors import UserInputError
 
-from .common import (BASE_MODELS, METHODS, browser_workspace, do_push, do_start_training, do_status, do_stop, manager,
-                     user_errors)
+from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
 
 
 def run_choices(wsp: Path, task: str | None = None, finished: bool = False) -> list[tuple[str, str]]:
-    from mmdemo.jobs import list_runs
-
     return [(f"{r['run_id'][:8]} · {r['base_model']} · {r['method']} · {r['status']}", r["run_id"])
-            for r in list_runs(wsp, manager())
+            for r in api.list_runs(wsp, manager=manager())
             if (task is None or r["task"] == task) and (not finished or r["has_model"])]
 
 
@@ -25,17 +23,13 @@ def run_choices(wsp: Path, task: str | None = None, finished: bool = False) -> l
 def on_pick_dataset(browser_id, dataset_id):
     """The dataset's task decides the base models and methods on offer; without a GPU the user also
     learns how long the default recipe takes on the CPU."""
-    from mmdemo.config import TrainConfig
-    from mmdemo.data import find_dataset, load_summary
-    from mmdemo.jobs import estimate_cpu_seconds, has_gpu
-
     if not browser_id or not dataset_id:
         return gr.skip(), gr.skip(), gr.skip()
-    summary = load_summary(find_dataset(browser_workspace(browser_id), dataset_id))
-    task = summary.task
+    plan = api.training_plan(browser_workspace(browser_id), dataset_id)
+    task = plan["task"]
     notice = ""
-    if not has_gpu():
-        minutes = estimate_cpu_seconds(summary, TrainConfig(data=summary.path, output_dir="-", task=task)) / 60
+    if plan["cpu_seconds"] is not None:
+        minutes = plan["cpu_seconds"] / 60
         notice = (f"⚠️ No GPU here: training runs on the CPU. The default recipe on this dataset takes about "
                   f"{max(1, round(minutes))} min on 2 cores; larger models, images or datasets take much longer. "
                   "For long jobs use GPU hardware (on a Hugging Face Space: Settings → Hardware, a dedicated GPU; "
@@ -45,18 +39,13 @@ def on_pick_dataset(browser_id, dataset_id):
 
 
 @user_errors
-def on_start(browser_id, dataset_id, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup,
-             augment, patience, seed):
+def on_start(browser_id, dataset_id, **params):
+    """``params``: the Train tab's settings by TrainConfig field name (build_train_tab's dict)."""
     wsp = browser_workspace(browser_id)
     if not dataset_id:
         raise UserInputError("Pick a dataset first: load one on the Dataset tab.")
-    run_id = do_start_training(wsp, dataset_id, base_model=base_model, method=method, epochs=int(epochs or 0),
-                               learning_rate=float(lr or 0), batch_size=int(batch or 0), image_size=int(image_size or 0),
-                               weight_decay=float(weight_decay), warmup_ratio=float(warmup), augment=bool(augment),
-                               early_stopping_patience=int(patience or 0), seed=int(seed or 0))
-    from mmdemo.jobs import find_run, run_warnings
-
-    for warning in run_warnings(find_run(wsp, run_id)):
+    run_id = api.start(wsp, dataset_id, manager=manager(), **params)
+    for warning in api.run_warnings(wsp, run_id):
         gr.Warning(warning)
     return gr.update(choices=run_choices(wsp), value=run_id)
 
@@ -64,15 +53,13 @@ def on_start(browser_id, dataset_id, base_model, method, epochs, lr, batch, imag
 @user_errors
 def on_stop(browser_id, run_id):
     if run_id:
-        do_stop(browser_workspace(browser_id), run_id)
+        api.stop(browser_workspace(browser_id), run_id, manager=manager())
 
 
 @user_errors
 def on_resume(browser_id, run_id):
-    from mmdemo.jobs import find_run, resume_training
-
     if run_id:
-        resume_training(find_run(browser_workspace(browser_id), run_id), manager())
+        api.resume(browser_workspace(browser_id), run_id, manager=manager())
 
 
 def progress_html(status: dict) -> str:
@@ -95,7 +82,7 @@ def on_tick(browser_id, run_id, reported):
         return "<div>No run selected.</div>", gr.skip(), *skip4, reported
     wsp = browser_workspace(browser_id)
     try:
-        status = do_status(wsp, run_id)
+        status = api.status(wsp, run_id, manager=manager())
     except UserInputError as e:
         return f"<div>{html.escape(str(e))}</div>", gr.skip(), *skip4, reported
     # Fixed numeric dtypes: the plot fixes its axis types from the first data it receives.
@@ -113,49 +100,41 @@ def on_tick(browser_id, run_id, reported):
 
 
 def run_report(wsp: Path, run_id: str):
-    import json
-
     import pandas as pd
 
-    from mmdemo.jobs import find_run, report_examples
-
-    run_dir = find_run(wsp, run_id)
-    path = run_dir / "eval.json"
-    if not path.exists():
+    run_dir = runs.find_run(wsp, run_id)
+    result = runs.read_eval(run_dir)
+    if not result:
         return gr.skip(), gr.skip(), gr.skip()
-    result = json.loads(path.read_text())
-    if result.get("task", "classification") == "classification":
-        table = pd.DataFrame([{"class": "all", "precision": None, "recall": None, "f1": None,
-                               "support": result["num_val"], "accuracy": result["accuracy"]}]
-                             + [{"class": c, **m, "accuracy": None} for c, m in result["per_class"].items()])
-    else:
-        keys = [k for k in ("val_loss", "vqa_accuracy", "exact_match", "bleu4", "rouge_l", "cider") if k in result]
-        table = pd.DataFrame([{"metric": k, "value": result[k]} for k in keys])
-    cm = run_dir / "confusion_matrix.png"
-    return table, (str(cm) if cm.exists() else None), report_examples(run_dir)
+    cm = run_dir / runs.CONFUSION_PLOT
+    return pd.DataFrame(runs.report_rows(result)), (str(cm) if cm.exists() else None), runs.report_examples(run_dir)
 
 
 def build_train_tab(browser_id):
+    """The tab's components; ``fields`` maps TrainConfig field names to the widgets that set them (the
+    start handler receives their values under those names)."""
     with gr.Tab("Train"):
         with gr.Row():
             dataset = gr.Dropdown(label="Dataset", choices=[], elem_id="dataset-choice")
-            base_model = gr.Dropdown(label="Base model", choices=BASE_MODELS["classification"], value="efficientnet_lite0",
-                                     allow_custom_value=True,
+            base_model = gr.Dropdown(label="Base model", choices=BASE_MODELS["classification"],
+                                     value=BASE_MODELS["classification"][0], allow_custom_value=True,
                                      info="the first choice works offline; other timm / transformers ids need the Hub; "
                                           "a run id continues that run")
-            method = gr.Radio(METHODS["classification"], value="full", label="Method")
+            fields = {"base_model": base_model,
+                      "method": gr.Radio(METHODS["classification"], value=METHODS["classification"][0],
+                                         label="Method")}
         with gr.Row():
-            epochs = gr.Number(0, label="Epochs (0 = default)", precision=0)
-            lr = gr.Number(0, label="Learning rate (0 = default)")
-            batch = gr.Number(0, label="Batch size (0 = default)", precision=0)
-            image_size = gr.Number(0, label="Image size (0 = the model's)", precision=0)
+            fields["epochs"] = gr.Number(0, label="Epochs (0 = default)", precision=0)
+            fields["learning_rate"] = gr.Number(0, label="Learning rate (0 = default)")
+            fields["batch_size"] = gr.Number(0, label="Batch size (0 = default)", precision=0)
+            fields["image_size"] = gr.Number(0, label="Image size (0 = the model's)", precision=0)
         with gr.Accordion("More settings", open=False):
             with gr.Row():
-                weight_decay = gr.Number(0.01, label="Weight decay")
-                warmup = gr.Number(0.1, label="Warm-up ratio")
-                augment = gr.Checkbox(True, label="Augmentation (classification)")
-                patience = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
-                seed = gr.Number(0, label="Seed", precision=0)
+                fields["weight_decay"] = gr.Number(0.01, label="Weight decay")
+                fields["warmup_ratio"] = gr.Number(0.1, label="Warm-up ratio")
+                fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)")
+                fields["early_stopping_patience"] = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
+                fields["seed"] = gr.Number(0, label="Seed", precision=0)
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")
@@ -176,15 +155,14 @@ def build_train_tab(browser_id):
         mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
         build_push_section(browser_id, run)
-    settings = [dataset, base_model, method, epochs, lr, batch, image_size, weight_decay, warmup, augment, patience, seed]
-    return settings, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
+    return dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 
 
 @user_errors
 def on_push(browser_id, run_id, repo_id, token, private):
     if not run_id:
         raise UserInputError("Pick a finished run first (the Run list above).")
-    result = do_push(browser_workspace(browser_id), run_id, repo_id, token, private)
+    result = api.push(browser_workspace(browser_id), run_id, repo_id, token, private)
     files = ", ".join(result["files"][:12]) + (" …" if len(result["files"]) > 12 else "")
     return f"Pushed to [{result['url']}]({result['url']}): {files}"
 

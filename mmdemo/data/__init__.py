@@ -10,8 +10,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from mmdemo.config import TASKS
 from mmdemo.errors import UserInputError
-from mmdemo.taskspec import TASK_SPECS, task_spec
+from mmdemo.taskspec import task_spec
 
 from . import classification, text  # noqa: F401 - the ingest modules the task registry names, loaded as before
 from .decode import open_image, to_rgb
@@ -21,7 +22,6 @@ from .upload import hub_dataset_id
 __all__ = ["MAX_PIXELS", "TASKS", "DatasetSummary", "find_dataset", "ingest_dataset", "load_splits", "load_summary",
            "open_image", "preview_images", "to_rgb"]
 
-TASKS = tuple(TASK_SPECS)
 MAX_PIXELS = 89_000_000  # Pillow's own bomb limit: bigger headers are skipped before decoding (read at call time)
 
 

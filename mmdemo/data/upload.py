@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mmdemo.errors import UserInputError
-from mmdemo.workspace import read_json
+from mmdemo.runs import read_json
+from mmdemo.settings import UPLOAD_LIMITS as LIMITS  # noqa: F401  (the defaults, named here as before)
+from mmdemo.settings import upload_limit as limit
 
 SPLITS = ("train", "validation", "test")
-# Upload limits, read at call time from the environment (a Space owner sets them in the Space settings).
-# Ingest runs inside the web server, so these guard its disk and memory: a zip is counted as it unpacks.
-LIMITS = {"MMDEMO_MAX_UNZIPPED_MB": 2048, "MMDEMO_MAX_ZIP_MEMBERS": 50_000, "MMDEMO_MAX_ZIP_RATIO": 100,
-          "MMDEMO_MAX_METADATA_MB": 50}
+# Upload limits (LIMITS, limit) are read at call time by mmdemo.settings: a zip is counted as it unpacks.
 RATIO_FLOOR = 1 << 20  # the ratio is judged past 1 MB: small files (a metadata.csv) compress very well
 CHUNK = 1 << 20
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
@@ -85,15 +84,6 @@ def open_upload(source, work: Path, layout: Layout) -> Upload:
         raise UserInputError(f"No images found in '{upload.display}'{inside}; it needs image files (JPEG, PNG, WebP, "
                              f"BMP, GIF, TIFF) {layout.images_where}.")
     return upload
-
-
-def limit(name: str) -> float:
-    """An upload limit: the environment variable if set, else its default (LIMITS)."""
-    value = os.environ.get(name, "").strip()
-    try:
-        return float(value) if value else float(LIMITS[name])
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def _mb(n: float) -> str:

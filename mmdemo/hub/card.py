@@ -13,14 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from ..taskspec import TASK_SPECS
 from .rundir import CONFIG_FILE, hub_base_model, hub_dataset, public_base_model, public_config, read_json, read_run
 
-PIPELINE_TAGS = {"classification": "image-classification", "captioning": "image-text-to-text",
-                 "vqa": "image-text-to-text"}
-TASK_TAGS = {"classification": "image-classification", "captioning": "image-captioning",
-             "vqa": "visual-question-answering"}
-TASK_NAMES = {"classification": "Image Classification", "captioning": "Image Captioning",
-              "vqa": "Visual Question Answering"}
+PIPELINE_TAGS = {name: spec.pipeline_tag for name, spec in TASK_SPECS.items()}
+TASK_TAGS = {name: spec.hub_tag for name, spec in TASK_SPECS.items()}
+TASK_NAMES = {name: spec.title for name, spec in TASK_SPECS.items()}
 # eval.json key -> (model-index metric type, the name shown); the first ones go to the model-index.
 TEXT_METRICS = {"captioning": {"bleu4": ("bleu", "BLEU-4"), "rouge_l": ("rouge", "ROUGE-L"),
                                "cider": ("cider", "CIDEr"), "exact_match": (None, "exact match")},

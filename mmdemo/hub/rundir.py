@@ -6,15 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
-from ..config import DEFAULT_MODELS
+from ..config import DEFAULT_MODELS, TASKS
 from ..errors import UserInputError
-from ..workspace import read_json
+from ..runs import ACTIVE, META_FILE, MODEL_DIR, read_config, read_json, read_status_file
 
-TASKS = ("classification", "captioning", "vqa")
-CONFIG_FILE = "training_config.yaml"
-META_FILE = "mmdemo.json"  # models.META_FILE, repeated so that importing this package stays light (no torch)
+CONFIG_FILE = "training_config.yaml"  # the run's config.yaml as published, without local paths
 ALIASES = set(DEFAULT_MODELS.values())  # offline registry names: never Hub ids
 
 
@@ -24,21 +20,17 @@ def read_run(run_dir: Path) -> tuple[Path, dict, dict]:
     Raises:
         UserInputError: no trained model, a run still going, or a task that cannot be shared.
     """
-    model_dir = run_dir / "model"
+    model_dir = run_dir / MODEL_DIR
     if not (model_dir / META_FILE).is_file():
         raise UserInputError(f"'{run_dir.name}' holds no trained model (model/{META_FILE}); train it first, or "
                              "pick a finished run.")
-    status = read_json(run_dir / "status.json").get("status")
-    if status in ("queued", "running"):
+    status = read_status_file(run_dir).get("status")
+    if status in ACTIVE:
         raise UserInputError(f"Run '{run_dir.name}' is still {status}; wait for it to finish (or stop it) first.")
     meta = read_json(model_dir / META_FILE)
     if meta.get("task", "classification") not in TASKS:
         raise UserInputError(f"Sharing supports {', '.join(TASKS)} runs (this one: {meta['task']}).")
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    return model_dir, meta, cfg if isinstance(cfg, dict) else {}
+    return model_dir, meta, read_config(run_dir)
 
 
 def check_repo_id(repo_id: str) -> str:

@@ -1,7 +1,8 @@
 """The app as a child process: `python app.py` on a free local port with a data directory of its own,
 started, waited for and stopped together with any training runs it launched.
 
-The tests and the benchmarks drive the real app through this (standard library only)::
+The tests and the benchmarks drive the real app through this (standard library only; the benchmarks put
+tests/ on sys.path to import it)::
 
     with AppProcess(data_dir) as app:
         Client(app.url).predict(...)
@@ -105,8 +106,8 @@ class AppProcess:
 
 def stop_training_runs(data_dir: Path, grace: float = 10.0) -> None:
     """Asks every queued or running run under data_dir to stop; SIGTERMs those still alive after `grace` s."""
-    from .jobs import ACTIVE, pid_alive, read_status_file  # (imports torch: only where a test or bench stops)
-    from .training import STOP_FILE
+    from mmdemo.jobs import pid_alive
+    from mmdemo.runs import ACTIVE, STOP_FILE, read_status_file
 
     pids = []
     for status_file in Path(data_dir).glob("users/*/runs/*/status.json"):

@@ -1,0 +1,159 @@
+"""The engine's public surface: one call per thing the UI, the API endpoints or a script does.
+
+Every call takes a workspace folder (the datasets and runs of one user) and plain values, and raises
+``UserInputError`` with a message fit to show. Importing this module loads no torch: inference and
+training load it when they run. The calls that queue training share one process-wide job manager
+(``job_manager()``) unless they are given another.
+
+    from mmdemo import api
+    ds = api.ingest("ws", "assets/sample_shapes.zip")["dataset_id"]
+    run = api.start("ws", ds, epochs=1)
+    api.status("ws", run)["status"]
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from . import jobs
+from .config import form_params
+from .errors import UserInputError
+from .runs import find_run
+
+DEFAULT_CHECKPOINT = "ImageNet classifier (efficientnet_lite0, offline)"  # the label that means "no checkpoint"
+
+_manager: jobs.JobManager | None = None
+_manager_lock = threading.Lock()
+
+
+def job_manager() -> jobs.JobManager:
+    """The process's job manager, created on first use (it starts a watcher thread); the lock keeps two
+    first calls from creating two queues."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = jobs.JobManager()
+        return _manager
+
+
+def ingest(workspace: Path, source: str, task: str = "classification") -> dict:
+    """Checks and saves a dataset (zip, folder, csv / jsonl, Hub id) in the workspace; returns its summary."""
+    from .data import ingest_dataset
+
+    if not source:
+        raise UserInputError("Upload a dataset file (zip, csv or jsonl) or enter a Hub dataset id.")
+    return ingest_dataset(source, workspace, task=task or "classification").to_dict()
+
+
+def list_datasets(workspace: Path) -> list:
+    """The workspace's ingested datasets (DatasetSummary), newest first."""
+    from .data import load_summary
+
+    paths = sorted((Path(workspace) / "datasets").glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [load_summary(path.parent) for path in paths]
+
+
+def dataset_previews(workspace: Path, dataset_id: str) -> dict:
+    """A few example images per class (or per split) of an ingested dataset."""
+    from .data import find_dataset, preview_images
+
+    return preview_images(find_dataset(workspace, dataset_id))
+
+
+def training_plan(workspace: Path, dataset_id: str) -> dict:
+    """What a run on this dataset gets by default: ``{"task", "cpu_seconds"}``, the seconds being a rough
+    duration of the default recipe on a 2-core CPU, or None where a GPU is visible."""
+    from .config import TrainConfig
+    from .data import find_dataset, load_summary
+
+    summary = load_summary(find_dataset(workspace, dataset_id))
+    seconds = None
+    if not jobs.has_gpu():
+        seconds = jobs.estimate_cpu_seconds(summary, TrainConfig(data=summary.path, output_dir="-", task=summary.task))
+    return {"task": summary.task, "cpu_seconds": seconds}
+
+
+def start(workspace: Path, dataset_id: str, *, manager: jobs.JobManager | None = None, **params) -> str:
+    """Queues a training run on an ingested dataset; ``params`` are TrainConfig fields ("" / None / 0: the
+    defaults). Returns the run id."""
+    from .data import find_dataset, load_summary
+
+    dataset_dir = find_dataset(workspace, dataset_id)
+    # The dataset knows its task; an empty base model then means that task's default model.
+    cfg = jobs.new_run_config(workspace, dataset_dir, task=load_summary(dataset_dir).task, **form_params(params))
+    return jobs.start_training(cfg, manager or job_manager())
+
+
+def status(workspace: Path, run_id: str, *, manager: jobs.JobManager | None = None) -> dict:
+    """A run's status snapshot: state, progress, loss curve, validation metrics, message."""
+    return jobs.run_status(find_run(workspace, run_id), manager or job_manager())
+
+
+def stop(workspace: Path, run_id: str, *, manager: jobs.JobManager | None = None) -> dict:
+    """Asks a run to stop at its next step boundary (it keeps a usable checkpoint)."""
+    manager = manager or job_manager()
+    manager.stop(find_run(workspace, run_id))
+    return {"status": status(workspace, run_id, manager=manager)["status"]}
+
+
+def run_warnings(workspace: Path, run_id: str) -> list[str]:
+    """What to tell the user about a run just started: far too many epochs, days on the CPU, memory close
+    to what there is."""
+    return jobs.run_warnings(find_run(workspace, run_id))
+
+
+def resume(workspace: Path, run_id: str, *, manager: jobs.JobManager | None = None) -> dict:
+    """Continues a stopped or failed run from its last checkpoint."""
+    return jobs.resume_training(find_run(workspace, run_id), manager or job_manager())
+
+
+def list_runs(workspace: Path, *, manager: jobs.JobManager | None = None) -> list[dict]:
+    """The workspace's runs, newest first, with task, base model, method, status and metrics."""
+    return jobs.list_runs(workspace, manager or job_manager())
+
+
+def resolve_checkpoint(workspace: Path, checkpoint: str) -> str | None:
+    """A run id of this user -> its run directory; a model name or Hub id as is; "" or the default's label ->
+    None (the default). Never a path (unless MMDEMO_ALLOW_LOCAL_MODELS=1): see mmdemo.refs."""
+    from .refs import local_models_allowed, resolve_model_ref
+
+    if isinstance(checkpoint, str) and checkpoint.strip() == DEFAULT_CHECKPOINT:
+        return None
+    return resolve_model_ref(checkpoint, workspace, field="checkpoint", allow_local=local_models_allowed()) or None
+
+
+def classify(workspace: Path, image, checkpoint: str = "", top_k: int = 5) -> dict:
+    """Top-k labels with probabilities for a PIL image ("" checkpoint: the offline ImageNet classifier)."""
+    from .inference import classify as classify_image
+
+    return classify_image(image, resolve_checkpoint(workspace, checkpoint), top_k)
+
+
+def caption(workspace: Path, image, checkpoint: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> str:
+    """A caption for a PIL image from a captioning run of this workspace (or a Hub id)."""
+    from .inference import caption as caption_image
+
+    return caption_image(image, resolve_checkpoint(workspace, checkpoint), max_new_tokens, num_beams)
+
+
+def answer(workspace: Path, image, question: str, checkpoint: str = "", max_new_tokens: int = 10,
+           num_beams: int = 1) -> str:
+    """The answer to a question about a PIL image, from a VQA run of this workspace (or a Hub id)."""
+    from .inference import answer as answer_question
+
+    return answer_question(image, question, resolve_checkpoint(workspace, checkpoint), max_new_tokens, num_beams)
+
+
+def push(workspace: Path, run_id: str, repo_id: str, token: str = "", private: bool = True) -> dict:
+    """Pushes a finished run's model and card to the Hub; returns ``{"url", "files"}``."""
+    from .hub import push_run_api
+
+    return push_run_api(find_run(workspace, run_id), (repo_id or "").strip(), token or "", bool(private))
+
+
+def export(workspace: Path, run_id: str, out_dir: Path, *, repo_id: str | None = None) -> list[str]:
+    """Writes what a push would upload into ``out_dir``, offline; returns the files written."""
+    from .hub import export_run
+
+    return export_run(find_run(workspace, run_id), out_dir, repo_id=repo_id)
