@@ -122,7 +122,7 @@ def _same_file(a, b) -> bool:
 def live_children(root: Path) -> dict[Path, tuple[int, int | None]]:
     """The runs under the data directory ``root`` whose status says running and whose child still runs
     them: run dir -> (pid, start time). Reads status files only (no torch), so the app can ask cheaply."""
-    from .workspace import read_json
+    from .runs import read_json
 
     found = {}
     for status_file in Path(root).glob("users/*/runs/*/status.json"):
