@@ -86,7 +86,7 @@ def resolve_model_ref(text, workspace=None, *, field: str = "base_model", allow_
 
 
 def _own_run(workspace, run_id: str) -> Path:
-    from .jobs import find_run  # only for run ids: jobs imports torch
+    from .runs import find_run
 
     if workspace is None:
         raise UserInputError(f"Unknown run id '{run_id}': give the run's folder instead.")

@@ -20,7 +20,8 @@ from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.errors import UserInputError
 from mmdemo.images import normalize, resize_center_crop
 from mmdemo.inference import classify, classify_batch, load_predictor
-from mmdemo.jobs import JobManager, find_run, list_runs, new_run_config, run_status, start_training
+from mmdemo.jobs import JobManager, list_runs, new_run_config, run_status, start_training
+from mmdemo.runs import find_run
 from mmdemo.models import apply_method, build_classifier, count_parameters, load_classifier
 from mmdemo.training import train
 

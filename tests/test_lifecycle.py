@@ -18,7 +18,8 @@ from mmdemo import procs, settings
 from appserver import AppProcess
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
-from mmdemo.jobs import JobManager, child_alive, read_status_file, start_training
+from mmdemo.jobs import JobManager, child_alive, start_training
+from mmdemo.runs import read_status_file
 from mmdemo.runs import checkpoint_step
 from mmdemo.errors import UserInputError
 

@@ -16,7 +16,8 @@ from mmdemo import jobs
 from mmdemo.config import TrainConfig
 from mmdemo.data import load_summary
 from mmdemo.errors import UserInputError
-from mmdemo.jobs import read_metrics, resume_training, run_status, start_warnings
+from mmdemo.jobs import resume_training, run_status, start_warnings
+from mmdemo.runs import read_metrics
 from mmdemo.progress import dumps, eta_seconds, format_duration
 from mmdemo.training import LossDiverged, train
 from tests import test_engine

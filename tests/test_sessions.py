@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 from mmdemo import jobs, workspace
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
-from mmdemo.jobs import JobManager, has_active_run, list_runs, new_run_config, read_metrics, run_status
+from mmdemo.jobs import JobManager, has_active_run, list_runs, new_run_config, run_status
+from mmdemo.runs import read_metrics
 from mmdemo.workspace import cleanup_workspaces, user_workspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ def on_run_reported(browser_id, run_id, reported):
     try there uses the model just trained, not the default."""
     import yaml
 
-    from mmdemo.jobs import find_run
+    from mmdemo.runs import find_run
 
     if not browser_id or not run_id or not reported.startswith(run_id):
         return (gr.skip(),) * 3
