@@ -6,7 +6,9 @@ Launches `python app.py` on a free port with a fresh data directory, starts one 
 sample dataset through gradio_client, and once it trains, runs --users threads, each with a Client of
 its own (so a user of its own), calling /classify (the default checkpoint, an example image) --calls
 times, while the run's owner polls /training_status. Prints one JSON line per endpoint (errors, p50 /
-p95 / max latency), one for the training run, and a total; exits 1 if any call failed. Everything is
+p95 / max latency), first for a bare Gradio app with trivial handlers under the same training load
+(bench/bare_app.py, the baseline), then for mmdemo, then mmdemo's p50 / p95 as a ratio of the bare app's,
+one line for the training run, and a total; exits 1 if any call failed. Everything is
 stopped at the end, and the whole bench is bounded by --timeout seconds.
 """
 
@@ -43,6 +45,65 @@ def summary(name: str, latencies: list[float], errors: list[str]) -> dict:
     return row
 
 
+def measure(url: str, run_id: str, args, deadline: float) -> tuple[list[dict], float]:
+    """--users threads (a Client each) calling /classify --calls times while one client polls
+    /training_status; returns the per-endpoint summaries and the seconds it took."""
+    from gradio_client import Client, handle_file
+
+    owner = Client(url, verbose=False)
+    lock = threading.Lock()
+    results = {"classify": ([], []), "training_status": ([], []), "client_start": ([], [])}
+    users_done = threading.Event()
+
+    def record(name, seconds=None, error=None):
+        with lock:
+            (results[name][1].append(error) if error else results[name][0].append(seconds))
+
+    def user(index: int):
+        t0 = time.perf_counter()
+        try:
+            client = Client(url, verbose=False)
+        except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+            record("client_start", error=f"user {index}: {type(e).__name__}: {e}")
+            return
+        record("client_start", time.perf_counter() - t0)
+        for _ in range(args.calls):
+            if time.monotonic() > deadline:
+                record("classify", error=f"user {index}: bench timeout")
+                continue
+            t0 = time.perf_counter()
+            try:
+                labels = client.predict(image=handle_file(str(IMAGE)), checkpoint="", top_k=5, api_name="/classify")
+                if len(labels) != 5:
+                    raise ValueError(f"expected 5 labels, got {labels}")
+                record("classify", time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001
+                record("classify", error=f"user {index}: {type(e).__name__}: {str(e)[:200]}")
+
+    def poll():
+        while not users_done.is_set() and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                owner.predict(run_id=run_id, api_name="/training_status")
+                record("training_status", time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001
+                record("training_status", error=f"{type(e).__name__}: {str(e)[:200]}")
+            time.sleep(args.poll_interval)
+
+    bench_start = time.monotonic()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    users = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(args.users)]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(max(0.0, deadline - time.monotonic()))
+    users_done.set()
+    poller.join(10)
+    return [summary(name, *results[name]) for name in ("classify", "training_status", "client_start")], \
+        time.monotonic() - bench_start
+
+
 def run(args) -> int:
     from gradio_client import Client, handle_file
 
@@ -50,8 +111,7 @@ def run(args) -> int:
     deadline = start + args.timeout
     work = Path(tempfile.mkdtemp(prefix="mmdemo-load-"))
     with AppProcess(work / "data", work / "app.log", timeout=120) as app:
-        url = app.url
-        owner = Client(url, verbose=False)
+        owner = Client(app.url, verbose=False)
         dataset = owner.predict(file=handle_file(str(SAMPLE)), task="classification", api_name="/load_dataset")
         run_id = owner.predict(dataset_id=dataset["dataset_id"], epochs=args.epochs,
                                api_name="/start_training")["run_id"]
@@ -63,69 +123,32 @@ def run(args) -> int:
                 raise SystemExit("the training run did not take a step in time")
             time.sleep(0.5)
         step_at_start = status["step"]
-
-        lock = threading.Lock()
-        results = {"classify": ([], []), "training_status": ([], []), "client_start": ([], [])}
-        users_done = threading.Event()
-
-        def record(name, seconds=None, error=None):
-            with lock:
-                (results[name][1].append(error) if error else results[name][0].append(seconds))
-
-        def user(index: int):
-            t0 = time.perf_counter()
-            try:
-                client = Client(url, verbose=False)
-            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
-                record("client_start", error=f"user {index}: {type(e).__name__}: {e}")
-                return
-            record("client_start", time.perf_counter() - t0)
-            for _ in range(args.calls):
-                if time.monotonic() > deadline:
-                    record("classify", error=f"user {index}: bench timeout")
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    labels = client.predict(image=handle_file(str(IMAGE)), checkpoint="", top_k=5,
-                                            api_name="/classify")
-                    if len(labels) != 5:
-                        raise ValueError(f"expected 5 labels, got {labels}")
-                    record("classify", time.perf_counter() - t0)
-                except Exception as e:  # noqa: BLE001
-                    record("classify", error=f"user {index}: {type(e).__name__}: {str(e)[:200]}")
-
-        def poll():
-            while not users_done.is_set() and time.monotonic() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    owner.predict(run_id=run_id, api_name="/training_status")
-                    record("training_status", time.perf_counter() - t0)
-                except Exception as e:  # noqa: BLE001
-                    record("training_status", error=f"{type(e).__name__}: {str(e)[:200]}")
-                time.sleep(args.poll_interval)
-
-        bench_start = time.monotonic()
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        users = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(args.users)]
-        for t in users:
-            t.start()
-        for t in users:
-            t.join(max(0.0, deadline - time.monotonic()))
-        users_done.set()
-        poller.join(10)
-        bench_s = time.monotonic() - bench_start
+        rows = []
+        # The baseline first, under the same training load: a bare Gradio app with trivial handlers.
+        if not args.no_bare:
+            with AppProcess(work / "bare", work / "bare.log", timeout=120, script="bench/bare_app.py",
+                            ready_path="/") as bare:
+                bare_rows, _ = measure(bare.url, run_id, args, deadline)
+            rows += [{**r, "app": "bare"} for r in bare_rows]
+        ours, bench_s = measure(app.url, run_id, args, deadline)
+        rows += [{**r, "app": "mmdemo"} for r in ours]
         final = owner.predict(run_id=run_id, api_name="/training_status")
         owner.predict(run_id=run_id, api_name="/stop_training")
 
-        rows = [summary(name, *results[name]) for name in ("classify", "training_status", "client_start")]
-        rows.append({"training": run_id[:8], "status_during_bench": final["status"],
+        by = {(r["app"], r["endpoint"]): r for r in rows}
+        for endpoint in ("classify", "training_status"):
+            bare_row, our_row = by.get(("bare", endpoint)), by.get(("mmdemo", endpoint))
+            if bare_row and our_row and "p95_s" in bare_row and "p95_s" in our_row:
+                rows.append({"ratio": endpoint, "p95_vs_bare": round(our_row["p95_s"] / bare_row["p95_s"], 2),
+                             "p50_vs_bare": round(our_row["p50_s"] / bare_row["p50_s"], 2)})
+        rows.append({"training": run_id[:8], "status_after_bench": final["status"],
                      "steps_during_bench": final["step"] - step_at_start, "total_steps": final["total_steps"]})
         errors = sum(r.get("errors", 0) for r in rows)
-        classify_ok = len(results["classify"][0])
+        classify_ok = by[("mmdemo", "classify")]["calls"] - by[("mmdemo", "classify")]["errors"]
         rows.append({"total": True, "users": args.users, "calls_per_user": args.calls, "errors": errors,
                      "bench_s": round(bench_s, 1), "classify_per_s": round(classify_ok / bench_s, 2),
-                     "wall_s": round(time.monotonic() - start, 1), "cpus": os.cpu_count()})
+                     "wall_s": round(time.monotonic() - start, 1), "cpus": os.cpu_count(),
+                     "load_1min": round(os.getloadavg()[0], 2)})
         for row in rows:
             print(json.dumps(row), flush=True)
         return 1 if errors else 0
@@ -137,7 +160,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=5, help="/classify calls per user")
     parser.add_argument("--epochs", type=int, default=20, help="enough that the run outlasts the bench")
     parser.add_argument("--poll-interval", type=float, default=0.5)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole bench")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for the whole bench")
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-app baseline")
     return run(parser.parse_args())
 
 

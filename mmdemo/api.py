@@ -42,7 +42,7 @@ def ingest(workspace: Path, source: str, task: str = "classification") -> dict:
     from .data import ingest_dataset
 
     if not source:
-        raise UserInputError("Upload a dataset file (zip, csv or jsonl) or enter a Hub dataset id.")
+        raise UserInputError("No dataset given: choose a zip, csv or jsonl file, or give a Hub dataset id.")
     return ingest_dataset(source, workspace, task=task or "classification").to_dict()
 
 

@@ -130,8 +130,13 @@ def _launch(run_dir: Path) -> subprocess.Popen:
 
 
 def child_alive(run_dir: Path, status: dict) -> bool:
-    """Whether the child that status.json names still runs this run (pid, start time and command line)."""
-    return procs.is_training_child(status.get("pid"), status.get("pid_start"), Path(run_dir) / CONFIG_FILE)
+    """Whether the process that status.json names still runs this run. A recorded start time tells that
+    process apart from any that reuses its pid (the app's child, or a script that trains in its own
+    process); without one, the command line must be this run's train command."""
+    pid, start = status.get("pid"), status.get("pid_start")
+    if start is not None:
+        return procs.same_process(pid, start)
+    return procs.is_training_child(pid, None, Path(run_dir) / CONFIG_FILE)
 
 
 def _mark_crashed(run_dir: Path, returncode: int | None) -> None:
@@ -140,8 +145,8 @@ def _mark_crashed(run_dir: Path, returncode: int | None) -> None:
         if returncode is None:  # an adopted child: not ours to wait for
             how = "The training process ended without writing its status"
         elif returncode == -9:
-            how = ("The training process was killed (SIGKILL), most often by the system running out of memory: "
-                   "start a new run with a smaller batch size or image size")
+            how = ("The training process exited unexpectedly: it was killed (SIGKILL), most often by the system "
+                   "running out of memory; if so, start a new run with a smaller batch size or image size")
         else:
             how = f"The training process exited unexpectedly (exit code {returncode})"
         write_status(run_dir, "failed", message=f"{how}. {resume_advice(run_dir)} {_log_tail(run_dir)}".strip())
@@ -292,7 +297,7 @@ def resume_training(run_dir: Path, manager: JobManager) -> dict:
     state = run_status(run_dir, manager)["status"]
     if state == "stopping":
         raise UserInputError("This run is still stopping: wait for it to save its checkpoint (a few seconds), "
-                             "then press Resume.")
+                             "then resume it.")
     if state in ACTIVE:
         raise UserInputError("This run is still active; stop it before resuming.")
     if state == "completed":

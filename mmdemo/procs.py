@@ -83,16 +83,23 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2:].split(" ", 1)[0]
 
 
-def is_training_child(pid, start_time, config_path) -> bool:
-    """True while ``pid`` is alive (not a zombie), started at ``start_time`` (skipped when None: a run
-    started headless records none) and runs ``-m mmdemo train --config config_path``."""
+def same_process(pid, start_time) -> bool:
+    """True while ``pid`` is alive (not a zombie) and, where ``start_time`` was recorded, is the process
+    that recorded it (a recycled pid has another start time)."""
     try:
         pid = int(pid)
     except (TypeError, ValueError):
         return False
     if pid <= 0 or _state(pid) in ("", "Z", "X"):
         return False
-    if start_time is not None and process_start_time(pid) != int(start_time):
+    return start_time is None or process_start_time(pid) == int(start_time)
+
+
+def is_training_child(pid, start_time, config_path) -> bool:
+    """True while ``pid`` is alive (not a zombie), started at ``start_time`` (skipped when None: a run
+    started headless records none) and runs ``-m mmdemo train --config config_path``: strict enough to
+    adopt and signal it."""
+    if not same_process(pid, start_time):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")

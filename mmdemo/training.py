@@ -19,6 +19,7 @@ import yaml
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
 from .models import count_parameters
+from .procs import process_start_time
 from .progress import dumps
 from .runs import (CONFIG_FILE, EVAL_FILE, LATEST_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status,
                    write_text_atomic)
@@ -146,7 +147,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     writer = MetricsWriter(run_dir / METRICS_FILE, main, on_record)
     if main:  # metrics: a resumed run's headline is its own final evaluation, not its predecessor's
         write_status(run_dir, "running", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     pid=os.getpid(), message="", started=time.time(), main_metric=task.main_metric, metrics={})
+                     pid=os.getpid(), pid_start=process_start_time(os.getpid()), message="", started=time.time(),
+                     main_metric=task.main_metric, metrics={})
     writer.write(type="start", step=state["step"], total_steps=total_steps, epochs=cfg.epochs, task=cfg.task,
                  trainable_params=trainable, total_params=total, num_processes=acc.num_processes,
                  device=str(acc.device), precision=acc.mixed_precision, resumed=state["step"] > 0,

@@ -51,13 +51,14 @@ class AppProcess:
         env: extra environment variables, for example {"MMDEMO_MAX_UPLOAD": "200kb"}.
         timeout: seconds to wait for the first 200 on `ready_path`.
         ready_path: the page polled (every `poll` seconds) to decide that the app serves.
+        script: the script to serve, relative to the repository (bench/bare_app.py for the baseline).
 
     Raises AppStartError with the tail of the app's log when it exits or does not serve in time.
     `startup_seconds` is the time from spawning the process to that first 200.
     """
 
     def __init__(self, data_dir: Path, log_path: Path | None = None, env: dict | None = None,
-                 timeout: float = 90.0, ready_path: str = "/config", poll: float = 0.5):
+                 timeout: float = 90.0, ready_path: str = "/config", poll: float = 0.5, script: str = "app.py"):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_path) if log_path else self.data_dir / "app.log"
@@ -68,14 +69,14 @@ class AppProcess:
                     "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
         start = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=full_env, stdout=log,
+            self.proc = subprocess.Popen([sys.executable, script], cwd=REPO, env=full_env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         while not serves(self.url + ready_path):
             if self.proc.poll() is not None or time.perf_counter() - start > timeout:
                 why = (f"exited with code {self.proc.returncode}" if self.proc.poll() is not None
                        else f"did not serve {self.url} within {timeout:.0f} s")
                 self.stop()
-                raise AppStartError(f"app.py {why}; its log ({self.log_path}):\n{self.log_tail()}")
+                raise AppStartError(f"{script} {why}; its log ({self.log_path}):\n{self.log_tail()}")
             time.sleep(poll)
         self.startup_seconds = time.perf_counter() - start
 

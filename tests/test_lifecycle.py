@@ -66,7 +66,7 @@ def past_first_checkpoint(client, run_dir, run_id):
 
 
 def wait_finished(client, run_id, timeout_s=300) -> dict:
-    return wait_until(lambda: (s := status_of(client, run_id))["status"] not in ("queued", "running") and s,
+    return wait_until(lambda: (s := status_of(client, run_id))["status"] not in ("queued", "running", "stopping") and s,
                       timeout_s, f"run {run_id[:8]} finished", interval=1)
 
 
