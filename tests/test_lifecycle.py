@@ -163,7 +163,8 @@ def test_a_recycled_pid_or_a_dead_child_is_not_a_live_run(tmp_path):
                              "--config", str(config)])
     try:
         start = procs.process_start_time(fake.pid)
-        assert start and procs.is_training_child(fake.pid, start, config)
+        # Between fork and exec the child still shows this process's command line: wait for the exec.
+        wait_until(lambda: procs.is_training_child(fake.pid, start, config), 10, "the fake child's exec", 0.05)
         assert not procs.is_training_child(fake.pid, start + 1, config)  # the same pid, another process
         assert not procs.is_training_child(fake.pid, start, tmp_path / "other" / "config.yaml")
         assert not procs.is_training_child(os.getpid(), None, config)  # pytest: not a training command
