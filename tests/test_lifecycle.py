@@ -76,7 +76,7 @@ def test_sigterm_stops_the_child_at_a_checkpoint_and_a_new_app_resumes_it(tmp_pa
     app = AppProcess(data, env={"MMDEMO_STOP_GRACE_S": str(GRACE_S)})
     try:
         client = session(app.url)
-        run_id = start_long_run(client, zip_path, 40)
+        run_id = start_long_run(client, zip_path, 90)
         run_dir = run_dir_of(data, run_id)
         wait_until(lambda: past_first_checkpoint(client, run_dir, run_id), 180, "a checkpoint and a step after it", 0.5)
         pid = read_status_file(run_dir)["pid"]
