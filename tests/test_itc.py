@@ -302,3 +302,16 @@ def test_the_endpoints_load_train_and_classify_with_text(app_url):
     assert len(labels) == 3 and abs(sum(labels.values()) - 1) < 0.5
     with pytest.raises(AppError, match="type the text"):
         client.predict(image=image, checkpoint=run_id, api_name="/classify")
+
+
+def test_export_card_shows_the_parts_and_the_ablation(trained, tmp_path):
+    from mmdemo.hub import export_run
+
+    run, _ = trained
+    files = export_run(run, tmp_path / "out", repo_id="someone/itc")
+    assert {"fusion.safetensors", "mmdemo.json", "README.md", "confusion_matrix.png"} <= set(files)
+    assert any(f.startswith("vision/") for f in files) and any(f.startswith("text/") for f in files)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: image-text-classification" in card and "library_name: mmdemo" in card
+    assert "| image only |" in card and "| text only |" in card
+    assert 'text="what color is the shape?"' in card and 'snapshot_download("someone/itc")' in card
