@@ -270,6 +270,7 @@ CLI_WORDING = [
     (r"\bthe upload\b", "the dataset"),
     (r"\bupload\b", "give"),
     (r"pick one from the list", "list the runs to find it"),
+    (r"type the text that goes with the image", "give the text that goes with the image with --text"),
 ]
 
 

@@ -371,8 +371,8 @@ def classify_batch(images, texts, checkpoint, top_k: int = 5) -> list[dict[str, 
         raise UserInputError(f"text must be text (got {shown(wrong)})")
     texts = [(t or "").strip() for t in texts]
     if len(texts) != len(images) or not all(texts):
-        raise UserInputError("This checkpoint classifies an image together with a text: type the text (e.g. the "
-                             "question, title or caption) that goes with the image.")
+        raise UserInputError("This checkpoint classifies an image together with a text: type the text that goes "
+                             "with the image (e.g. its question, title or caption).")
     model = load_predictor(checkpoint, TASK)
     pixels = torch.stack([resize_center_crop(image, model.preprocess.image_size) for image in images])
     with _lock, torch.no_grad():

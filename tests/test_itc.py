@@ -276,7 +276,7 @@ def test_cli_predict_takes_the_text(trained):
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["text"] == "what shape is present?" and max(record["labels"], key=record["labels"].get) == "triangle"
     missing = _cli("predict", "--task", TASK, "--checkpoint", run, image, timeout=300)
-    assert missing.returncode != 0 and "type the text" in missing.stdout + missing.stderr
+    assert missing.returncode != 0 and "with --text" in missing.stdout + missing.stderr
 
 
 # ---------------------------------------------------------------------------------------------
