@@ -315,3 +315,29 @@ def test_export_card_shows_the_parts_and_the_ablation(trained, tmp_path):
     assert "- image-text-classification" in card and "library_name: mmdemo" in card
     assert "| image only |" in card and "| text only |" in card
     assert 'text="what color is the shape?"' in card and 'snapshot_download("someone/itc")' in card
+
+
+@pytest.mark.parametrize("base_model, method", [("efficientnet_lite0+minilm", "lora"),
+                                                ("efficientnet_lite0+minilm-cross", "full")])
+def test_encoder_methods_run_save_and_predict(tmp_path, base_model, method):
+    from mmdemo.config import TrainConfig
+    from mmdemo.data import open_image
+    from mmdemo.inference import classify
+    from mmdemo.training import train
+
+    rows = [(f"images/{c}{i}.png", "what color is it?", c) for c in COLOURS for i in range(3)]
+    summary = _ingest(_rows_zip(tmp_path, rows), tmp_path)
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=summary.path, output_dir=str(run), task=TASK, base_model=base_model, method=method,
+                      epochs=2, max_steps=2, batch_size=4, image_size=64)
+    result = train(cfg)
+    assert result["step"] == 2 and set(result["ablation"]) >= {"both", "image_only", "text_only"}
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    if method == "lora":  # the adapters beside the merged encoders
+        assert start["trainable_params"] < start["total_params"] / 10
+        assert (run / "model" / "adapter" / "vision").is_dir() and (run / "model" / "adapter" / "text").is_dir()
+    else:
+        assert start["trainable_params"] == start["total_params"]
+    image = open_image(ROOT / "assets" / "examples" / "circle.png")
+    labels = classify(image, str(run), 3, "what color is it?")
+    assert set(labels) <= set(COLOURS) and len(labels) == 3
