@@ -341,3 +341,23 @@ def test_encoder_methods_run_save_and_predict(tmp_path, base_model, method):
     image = open_image(ROOT / "assets" / "examples" / "circle.png")
     labels = classify(image, str(run), 3, "what color is it?")
     assert set(labels) <= set(COLOURS) and len(labels) == 3
+
+
+def test_a_hub_dataset_with_image_text_and_label_columns(tmp_path, monkeypatch):
+    # The Hub is out of reach here: the same DatasetDict that datasets.load_dataset returns, built locally.
+    import datasets
+    from PIL import Image
+
+    import mmdemo.data.upload as upload
+
+    features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"])})
+    images = [Image.new("RGB", (24, 24), (40 * i, 0, 0)) for i in range(6)]
+    texts = ["is it red?"] * 5 + [""]
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"img": images, "text": texts, "label": [0, 1, 0, 1, 0, 1]}, features=features)})
+    monkeypatch.setattr(upload, "load_hub", lambda repo_id, layout: raw)
+    summary = _ingest("someone/image-text", tmp_path)
+    assert summary.classes == ["no", "yes"] and summary.num_train + summary.num_val == 5
+    assert summary.source == "someone/image-text"
+    assert any("Dropped 1 row" in w and "the text is empty" in w for w in summary.warnings)
