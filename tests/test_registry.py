@@ -74,12 +74,12 @@ def test_the_default_classifier_is_recorded_as_a_timm_model():
 
 
 def test_unknown_task_names_fail_clearly(tmp_path):
-    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa \(got 'ocr'\)"):
+    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification \(got 'ocr'\)"):
         TrainConfig(data="d", output_dir="o", task="ocr")
-    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa \(got 'ocr'\)"):
+    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification \(got 'ocr'\)"):
         task_spec("ocr")
     with pytest.raises(UserInputError, match="task 'ocr' is not supported yet; supported tasks: classification, "
-                                             "captioning, vqa"):
+                                             "captioning, vqa, image_text_classification"):
         ingest_dataset(tmp_path, tmp_path / "ws", task="ocr")
     with pytest.raises(UserInputError, match="task must be one of"):
         load_predictor("", "ocr")
