@@ -3,6 +3,7 @@
     python -m mmdemo train --task classification --data PATH --output-dir DIR [--base-model NAME] ...
     python -m mmdemo train --config RUN_DIR/config.yaml
     python -m mmdemo predict --checkpoint DIR --task classification IMG...
+    python -m mmdemo predict --checkpoint DIR --task image_text_classification --text "what color is it?" IMG...
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--task", default="classification", choices=TASKS)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--question", help="the question (vqa)")
+    p.add_argument("--text", help="the text that goes with every image (image_text_classification)")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -213,6 +215,11 @@ def _run_predict(args) -> int:
     def predict(images: list) -> list[dict]:
         if args.task == "classification":
             return [{"labels": labels} for labels in classify_batch(images, checkpoint, args.top_k)]
+        if args.task == "image_text_classification":
+            from .imagetext import classify_batch as classify_with_text
+
+            return [{"text": args.text, "labels": labels}
+                    for labels in classify_with_text(images, [args.text] * len(images), checkpoint, args.top_k)]
         questions = None if args.task == "captioning" else [args.question] * len(images)
         texts = generate_batch(images, questions, checkpoint, args.max_new_tokens, args.num_beams)
         key = "caption" if questions is None else "answer"
@@ -263,6 +270,7 @@ CLI_WORDING = [
     (r"\bthe upload\b", "the dataset"),
     (r"\bupload\b", "give"),
     (r"pick one from the list", "list the runs to find it"),
+    (r"type the text that goes with the image", "give the text that goes with the image with --text"),
 ]
 
 

@@ -123,11 +123,12 @@ def resolve_checkpoint(workspace: Path, checkpoint: str) -> str | None:
     return resolve_model_ref(checkpoint, workspace, field="checkpoint", allow_local=local_models_allowed()) or None
 
 
-def classify(workspace: Path, image, checkpoint: str = "", top_k: int = 5) -> dict:
-    """Top-k labels with probabilities for a PIL image ("" checkpoint: the offline ImageNet classifier)."""
+def classify(workspace: Path, image, checkpoint: str = "", top_k: int = 5, text: str = "") -> dict:
+    """Top-k labels with probabilities for a PIL image ("" checkpoint: the offline ImageNet classifier);
+    ``text`` goes with the image for an image + text classification run (which needs it)."""
     from .inference import classify as classify_image
 
-    return classify_image(image, resolve_checkpoint(workspace, checkpoint), top_k)
+    return classify_image(image, resolve_checkpoint(workspace, checkpoint), top_k, text)
 
 
 def caption(workspace: Path, image, checkpoint: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> str:

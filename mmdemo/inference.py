@@ -112,16 +112,25 @@ def _check_images(images) -> list:
 
 
 @torch.no_grad()
-def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5) -> list[dict[str, float]]:
+def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5,
+                   texts: list[str] | None = None) -> list[dict[str, float]]:
     """Top-k labels with probabilities for each of several PIL images, in one forward pass.
 
     Args:
         images: PIL images (any mode, any size).
         checkpoint: a run directory, a model folder, a Hub id, or None for the ImageNet default.
         top_k: how many labels to return per image, 1 to 1000 (at most the model's labels); 0: 5.
+        texts: one text per image, for an image + text classification checkpoint (which needs them);
+            an image-only classifier ignores them.
     """
+    from .imagetext import TASK as IMAGE_TEXT, checkpoint_task
+
     images = _check_images(images)
     top_k = int_in_range("top_k", top_k, 1, MAX_TOP_K, DEFAULT_TOP_K)
+    if checkpoint_task(checkpoint) == IMAGE_TEXT:
+        from .imagetext import classify_batch as classify_with_text
+
+        return classify_with_text(images, texts, checkpoint, top_k)
     clf = load_predictor(checkpoint, "classification")
     pre = clf.preprocess
     x = torch.stack([resize_center_crop(image, pre.image_size, pre.crop_pct) for image in images])
@@ -134,9 +143,10 @@ def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5)
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def classify(image, checkpoint: str | Path | None = None, top_k: int = 5) -> dict[str, float]:
-    """Top-k labels with probabilities for one PIL image (see ``classify_batch``)."""
-    return classify_batch([image], checkpoint, top_k)[0]
+def classify(image, checkpoint: str | Path | None = None, top_k: int = 5, text: str | None = None) -> dict[str, float]:
+    """Top-k labels with probabilities for one PIL image, and its text for an image + text checkpoint
+    (see ``classify_batch``)."""
+    return classify_batch([image], checkpoint, top_k, None if text is None else [text])[0]
 
 
 @torch.no_grad()

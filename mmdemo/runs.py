@@ -179,6 +179,7 @@ def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
 
 def _example_caption(row: dict) -> str:
     if "label" in row:
-        return f"{row['label']} → {row['predicted']}"
+        text = f"{row['text']} · " if row.get("text") else ""  # image + text classification: the row's text
+        return f"{text}{row['label']} → {row['predicted']}"
     question = f"{row['question']} " if row.get("question") else ""
     return f"{question}ref: {row['references'][0]} · predicted: {row['predicted']}"

@@ -108,3 +108,15 @@ register_task(TaskSpec("vqa", frozenset({"question", "answers"}), tab="Ask",
                        base_models=("efficientnet_lite0+minilm", "Salesforce/blip-vqa-base",
                                     "HuggingFaceTB/SmolVLM-256M-Instruct"), hub_tag="visual-question-answering",
                        hub_example="Salesforce/blip-vqa-base", title="Visual Question Answering", **_TEXT))
+# Frozen encoders: the head trains on features computed once, so many cheap epochs; full and LoRA run both
+# encoders in every step (bench/image_text.py). The Hub has no image + text classification pipeline: the
+# card takes the nearest known one, and the task is its tag.
+register_task(TaskSpec(
+    "image_text_classification", frozenset({"text", "label"}), ("frozen_encoders", "full", "lora"),
+    {"frozen_encoders": {"learning_rate": 2e-3, "epochs": 20, "batch_size": 32},
+     "full": {"learning_rate": 1e-4, "epochs": 6, "batch_size": 16},
+     "lora": {"learning_rate": 1e-3, "epochs": 6, "batch_size": 16}},
+    base_models=("efficientnet_lite0+minilm", "efficientnet_lite0+minilm-cross"), tab="Classify", hub_example="",
+    pipeline_tag="image-classification", hub_tag="image-text-classification",
+    title="Image + Text Classification", ingest="mmdemo.imagetext:ingest_image_text",
+    training="mmdemo.imagetext:ImageTextClassificationTask", predictor="mmdemo.imagetext:load_image_text_predictor"))

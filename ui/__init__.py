@@ -11,6 +11,7 @@ import uuid
 import gradio as gr
 
 from mmdemo.api import DEFAULT_CHECKPOINT
+from mmdemo.taskspec import TASK_SPECS
 
 from .api import register_api
 from .common import TASKS, browser_workspace, user_errors
@@ -34,9 +35,17 @@ def on_refresh_choices(browser_id):
             *(gr.update(choices=c) for c in checkpoint_choices(wsp).values()))
 
 
+def list_task(task: str) -> str:
+    """The task whose key names the checkpoint list of ``task``'s predict tab (its tab's first task)."""
+    return next(t for t in TASKS if TASK_SPECS[t].tab == TASK_SPECS[task].tab)
+
+
 def checkpoint_choices(wsp) -> dict[str, list]:
-    """The choices of the Classify, Caption and Ask checkpoint lists: this workspace's runs with a model."""
-    done = {task: run_choices(wsp, task, finished=True) for task in TASKS}
+    """The choices of the Classify, Caption and Ask checkpoint lists: this workspace's runs with a model,
+    keyed by each tab's first task (the Classify list also holds the image + text classification runs)."""
+    done = {task: [] for task in dict.fromkeys(map(list_task, TASKS))}
+    for task in TASKS:
+        done[list_task(task)] += run_choices(wsp, task, finished=True)
     done["classification"] = [(DEFAULT_CHECKPOINT, "")] + done["classification"]
     return done
 
@@ -54,7 +63,7 @@ def on_run_reported(browser_id, run_id, reported):
     wsp = browser_workspace(browser_id)
     task = yaml.safe_load((find_run(wsp, run_id) / "config.yaml").read_text()).get("task")
     choices = checkpoint_choices(wsp)
-    return tuple(gr.update(choices=c, value=run_id) if t == task and run_id in dict(c).values() else gr.skip()
+    return tuple(gr.update(choices=c, value=run_id) if t == list_task(task) and run_id in dict(c).values() else gr.skip()
                  for t, c in choices.items())
 
 
@@ -73,7 +82,7 @@ def build_demo() -> gr.Blocks:
         file, task, hub_id, load, sample, summary, counts, gallery = build_dataset_tab()
         (dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
          gpu_notice) = build_train_tab(browser_id)
-        checkpoint, image, labels, classify_button = build_classify_tab()
+        checkpoint, image, classify_text, labels, classify_button = build_classify_tab()
         cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
         vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
         private = {"api_visibility": "private"}
@@ -96,7 +105,7 @@ def build_demo() -> gr.Blocks:
         reported.change(on_run_reported, [browser_id, run, reported], [checkpoint, cap_ckpt, vqa_ckpt], **private)
         gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
                            **private)
-        classify_button.click(on_classify, [browser_id, image, checkpoint], labels, **private)
+        classify_button.click(on_classify, [browser_id, image, checkpoint, classify_text], labels, **private)
         cap_button.click(on_caption, [browser_id, cap_image, cap_ckpt, cap_max, cap_beams], cap_out, **private)
         vqa_button.click(on_answer, [browser_id, vqa_image, question, vqa_ckpt, vqa_max, vqa_beams], vqa_out, **private)
         register_api()

@@ -43,9 +43,9 @@ def api_resume_training(run_id: str, request: gr.Request = None) -> dict:
     return api.resume(api_workspace(request), run_id, manager=manager())
 
 
-def api_classify(image: dict, checkpoint: str = "", top_k: int = 5, request: gr.Request = None) -> dict:
-    """Top-k labels with probabilities for an image."""
-    return classify(api_workspace(request), read_image(image), checkpoint, top_k)
+def api_classify(image: dict, checkpoint: str = "", top_k: int = 5, text: str = "", request: gr.Request = None) -> dict:
+    """Top-k labels with probabilities for an image (and its text, for an image + text classification run)."""
+    return classify(api_workspace(request), read_image(image), checkpoint, top_k, text)
 
 
 def api_caption(image: dict, checkpoint: str = "", max_new_tokens: int = 30, num_beams: int = 1,

@@ -11,10 +11,10 @@ from .common import EXAMPLES, SHAPE_EXAMPLES, answer, browser_workspace, caption
 
 
 @user_errors
-def on_classify(browser_id, image, checkpoint):
+def on_classify(browser_id, image, checkpoint, text=""):
     if image is None:
         raise UserInputError("Drop an image first (or click an example).")
-    return classify(browser_workspace(browser_id), image, checkpoint or "")
+    return classify(browser_workspace(browser_id), image, checkpoint or "", 5, text or "")
 
 
 @user_errors
@@ -35,11 +35,15 @@ def build_classify_tab():
     with gr.Tab("Classify"):
         checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
         with gr.Row():
-            image = gr.Image(type="pil", label="Image", height=320)
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image", height=320)
+                # Always shown: the checkpoint list does not say which runs are image + text ones.
+                text = gr.Textbox(label="Text (for an image + text classification run; ignored otherwise)",
+                                  placeholder="what color is the shape?", elem_id="classify-text")
             labels = gr.Label(num_top_classes=5, label="Top 5", elem_id="classify-labels")
         button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         gr.Examples(EXAMPLES, inputs=image)
-    return checkpoint, image, labels, button
+    return checkpoint, image, text, labels, button
 
 
 def build_text_tab(name: str, task: str, with_question: bool):

@@ -24,7 +24,8 @@ TEXT_METRICS = {"captioning": {"bleu4": ("bleu", "BLEU-4"), "rouge_l": ("rouge",
                                "cider": ("cider", "CIDEr"), "exact_match": (None, "exact match")},
                 "vqa": {"vqa_accuracy": ("accuracy", "VQA accuracy"), "exact_match": ("exact_match", "exact match")}}
 # The composed family is two ecosystem models plus a projection: no single library loads it.
-LIBRARIES = {"composed": "mmdemo", "blip": "transformers", "git": "transformers", "vlm": "transformers"}
+LIBRARIES = {"composed": "mmdemo", "fused": "mmdemo", "blip": "transformers", "git": "transformers",
+             "vlm": "transformers"}
 FAMILY_NAMES = {"blip": "BLIP", "git": "GIT", "vlm": "chat VLM"}
 CHAT_CAPTION_PROMPT = "Describe this image in a few words."  # vlm.hf.ChatImageText._prompt's, for captioning
 MAX_EXAMPLES = 10
@@ -62,11 +63,14 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
                          metrics=list(dict.fromkeys(r.metric_type for r in results)) or None, model_name=name,
                          eval_results=results or None)
     lines = [f"# {name}", ""]
-    if task == "classification":
+    if task in ("classification", "image_text_classification"):
         lines += [_card_intro(meta, cfg, base), "", *_card_metrics(report)]
         if (run_dir / "confusion_matrix.png").is_file():
             lines += ["![confusion matrix](confusion_matrix.png)", ""]
-        lines += _card_usage(repo, family, adapter, model_dir, len(meta.get("id2label", {})))
+        if task == "classification":
+            lines += _card_usage(repo, family, adapter, model_dir, len(meta.get("id2label", {})))
+        else:
+            lines += _fused_usage(repo, meta, report)
     else:
         lines += [_text_intro(meta, cfg, base), "", *_text_metrics(report, task), *_text_examples(report, task)]
         lines += _text_usage(repo, family, task, meta, adapter)
@@ -82,10 +86,11 @@ def _eval_results(report: dict, task: str, dataset: str | None) -> list:
     from huggingface_hub import EvalResult
 
     local = {"classification": "local image folder", "captioning": "local image-caption dataset",
-             "vqa": "local visual question answering dataset"}[task]
+             "vqa": "local visual question answering dataset",
+             "image_text_classification": "local image + text dataset"}[task]
     where = {"task_type": PIPELINE_TAGS[task], "task_name": TASK_NAMES[task], "dataset_split": "validation",
              "dataset_type": dataset or "imagefolder", "dataset_name": dataset or local}
-    if task != "classification":
+    if task not in ("classification", "image_text_classification"):
         return [EvalResult(metric_type=kind, metric_name=label, metric_value=report[key], **where)
                 for key, (kind, label) in TEXT_METRICS[task].items() if kind and key in report]
     if "accuracy" not in report:
@@ -105,7 +110,8 @@ def _origin(cfg: dict, meta: dict, base: str | None) -> str:
 def _license(model_dir: Path, family: str) -> str:
     # timm configs carry their weights' licence (the composed family's encoder is a timm folder);
     # otherwise the base model's own card decides: "other".
-    config = {"timm": model_dir / "config.json", "composed": model_dir / "vision/config.json"}.get(family)
+    config = {"timm": model_dir / "config.json", "composed": model_dir / "vision/config.json",
+              "fused": model_dir / "vision/config.json"}.get(family)
     return (read_json(config).get("pretrained_cfg", {}) if config else {}).get("license") or "other"
 
 
@@ -114,7 +120,9 @@ def _license(model_dir: Path, family: str) -> str:
 
 def _card_intro(meta: dict, cfg: dict, base: str | None) -> str:
     labels = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
-    return (f"An image classifier fine-tuned from {_origin(cfg, meta, base)} with mmdemo (method "
+    kind = "An image + text classifier (an image and a text in, one label out)" \
+        if meta.get("task") == "image_text_classification" else "An image classifier"
+    return (f"{kind} fine-tuned from {_origin(cfg, meta, base)} with mmdemo (method "
             f"`{cfg.get('method', 'full')}`) on {len(labels)} classes: {', '.join(f'`{label}`' for label in labels)}.")
 
 
@@ -260,6 +268,48 @@ def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
         'tokenizer = BertTokenizerFast.from_pretrained(f"{folder}/text")', "```", "",
         f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
         f"[0, 1] and normalised with mean {mean} and std {std}. Sequences: {layout}.", ""]
+
+
+def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
+    pre = meta.get("preprocess", {})
+    size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
+    ablation = report.get("ablation", {})
+    lines = []
+    if ablation:
+        lines += ["### What each input contributes", "",
+                  "Validation accuracy with both inputs and with one of them replaced by the learned null embedding "
+                  "the model was trained with (modality dropout):", "",
+                  "| inputs | accuracy |", "|---|---|"]
+        lines += [f"| {label} | {ablation[key]:.4f} |" for key, label in
+                  (("both", "image + text"), ("image_only", "image only"), ("text_only", "text only"),
+                   ("majority_class", "the most frequent label (no model)")) if key in ablation] + [""]
+    fusion = {"late": "late fusion: the pooled image feature and the mean-pooled text embedding, each projected "
+                      "to 256, concatenated with their product, then an MLP",
+              "cross": "cross-attention: the text tokens attend to the image feature map's cells (one attention "
+                       "block), then the pooled text and image go through an MLP"}.get(meta.get("fusion"), "")
+    return lines + [
+        "## Use it", "",
+        "No single library class loads this model: it is two ecosystem models and a fusion head. With mmdemo "
+        "(the `mmdemo/` package of the app that trained it, on the Python path):", "",
+        "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
+        "from mmdemo.inference import classify", "",
+        f'folder = snapshot_download("{repo}")',
+        'print(classify(Image.open("image.jpg"), folder, top_k=5, text="what color is the shape?"))', "```", "",
+        "Its parts load with their own libraries:", "",
+        "- `vision/`: the image encoder, a timm folder (`tf_efficientnet_lite0`, no classifier);",
+        "- `text/`: the text encoder, a transformers `BertModel` (MiniLM-L6), and its tokenizer;",
+        f"- `fusion.safetensors`: the fusion head ({fusion}), `FUSION_HEADS[fusion]` in "
+        "`mmdemo/fusion.py`; it takes the encoder's feature map and the text's token states;",
+        "- `mmdemo.json`: the labels (`id2label`), the fusion, the preprocessing.", "",
+        "```python", "import timm", "from safetensors.torch import load_file",
+        "from transformers import BertModel, BertTokenizerFast", "",
+        'image_encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)',
+        'text_encoder = BertModel.from_pretrained(f"{folder}/text")',
+        'tokenizer = BertTokenizerFast.from_pretrained(f"{folder}/text")',
+        'head_state = load_file(f"{folder}/fusion.safetensors")', "```", "",
+        f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
+        f"[0, 1] and normalised with mean {mean} and std {std}. Texts: tokenised to at most "
+        f"{meta.get('text_max_length', 64)} tokens.", ""]
 
 
 # --- loss curve ----------------------------------------------------------------------------------
