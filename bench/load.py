@@ -45,12 +45,13 @@ def summary(name: str, latencies: list[float], errors: list[str]) -> dict:
     return row
 
 
-def measure(url: str, run_id: str, args, deadline: float) -> tuple[list[dict], float]:
-    """--users threads (a Client each) calling /classify --calls times while one client polls
-    /training_status; returns the per-endpoint summaries and the seconds it took."""
+def measure(url: str, run_id: str, args, deadline: float, owner=None) -> tuple[list[dict], float]:
+    """--users threads (a Client each) calling /classify --calls times while ``owner`` (the run's own
+    client: runs are per session; a new one for the bare app) polls /training_status; returns the
+    per-endpoint summaries and the seconds it took."""
     from gradio_client import Client, handle_file
 
-    owner = Client(url, verbose=False)
+    owner = owner or Client(url, verbose=False)
     lock = threading.Lock()
     results = {"classify": ([], []), "training_status": ([], []), "client_start": ([], [])}
     users_done = threading.Event()
@@ -130,7 +131,7 @@ def run(args) -> int:
                             ready_path="/") as bare:
                 bare_rows, _ = measure(bare.url, run_id, args, deadline)
             rows += [{**r, "app": "bare"} for r in bare_rows]
-        ours, bench_s = measure(app.url, run_id, args, deadline)
+        ours, bench_s = measure(app.url, run_id, args, deadline, owner)
         rows += [{**r, "app": "mmdemo"} for r in ours]
         final = owner.predict(run_id=run_id, api_name="/training_status")
         owner.predict(run_id=run_id, api_name="/stop_training")
