@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import UserInputError
 from .families import register_family
-from .models import Preprocess, _load_lite0_package_weights, lora_targets, prefers_channels_last
+from .models import Preprocess, lite0_encoder, lora_targets, prefers_channels_last
 from .runs import META_FILE
 
 LATE_MODEL = "efficientnet_lite0+minilm"
@@ -199,19 +199,12 @@ class FusedClassifier(nn.Module):
     @classmethod
     def build(cls, labels: list[str], base_model: str = LATE_MODEL, image_size: int = 0, pretrained: bool = True,
               model_dir: Path | None = None, fusion: str | None = None) -> "FusedClassifier":
-        import timm
         from transformers import BertModel, BertTokenizerFast
 
         from .vlm.composed import minilm_path
 
         text_dir = str(model_dir / "text") if model_dir else minilm_path()
-        if model_dir:
-            image_encoder = timm.create_model(f"local-dir:{model_dir / 'vision'}", pretrained=True)
-        else:
-            image_encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-            if pretrained:
-                _load_lite0_package_weights(image_encoder)
-        image_encoder.reset_classifier(0)
+        image_encoder = lite0_encoder(model_dir, pretrained)
         if pretrained or model_dir:
             text_encoder = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
         else:

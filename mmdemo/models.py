@@ -271,6 +271,21 @@ def _build_default(labels, pretrained, keep_head=False) -> Classifier:
                       DEFAULT_MODEL)
 
 
+def lite0_encoder(model_dir: Path | None = None, pretrained: bool = True) -> nn.Module:
+    """The EfficientNet-Lite0 image encoder of the offline composed models, without its classifier: from a
+    saved model's ``vision/`` folder, else timm's architecture with the package's ImageNet weights."""
+    import timm
+
+    if model_dir:
+        encoder = timm.create_model(f"local-dir:{Path(model_dir) / 'vision'}", pretrained=True)
+    else:
+        encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if pretrained:
+            _load_lite0_package_weights(encoder)
+    encoder.reset_classifier(0)
+    return encoder
+
+
 def _load_lite0_package_weights(net: nn.Module) -> None:
     # The package's keys are lukemelas-style but come in timm's order with timm's shapes, so a
     # positional remap loads strictly; the shape check guards against a different package build.

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import register_family
-from ..models import Preprocess, _load_lite0_package_weights
+from ..models import Preprocess, lite0_encoder
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 
 
@@ -132,17 +132,10 @@ class ComposedCaptioner(ImageTextModel):
 
     @classmethod
     def build(cls, task: str, image_size: int, pretrained: bool = True, model_dir: Path | None = None):
-        import timm
         from transformers import BertConfig, BertLMHeadModel, BertTokenizerFast
 
         text_dir = str(model_dir / "text") if model_dir else minilm_path()
-        if model_dir:
-            encoder = timm.create_model(f"local-dir:{model_dir / 'vision'}", pretrained=True)
-        else:
-            encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-            if pretrained:
-                _load_lite0_package_weights(encoder)
-        encoder.reset_classifier(0)
+        encoder = lite0_encoder(model_dir, pretrained)
         config = BertConfig.from_pretrained(text_dir, is_decoder=True, add_cross_attention=True)
         decoder = BertLMHeadModel.from_pretrained(text_dir, config=config) if (pretrained or model_dir) \
             else BertLMHeadModel(config)
