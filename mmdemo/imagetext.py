@@ -289,20 +289,18 @@ class ImageTextClassificationTask:
         """(losses, predictions, labels) over the loader; ``drop`` "image" / "text" replaces that input by
         its null embedding."""
         torch = _torch()
-        model.eval()
-        losses, preds, labels = [], [], []
-        with torch.no_grad():
+        from .tasks import gather_predictions
+
+        def batches():
             for batch in loader:
                 batch = dict(batch)
                 y = batch.pop("labels")
                 flags = {f"drop_{m}": torch.full((len(y),), drop == m, device=y.device) for m in ("image", "text")}
-                logits = model(**batch, **flags).float()
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-                loss, logits, y = acc.gather_for_metrics((loss, logits, y))
-                losses.append(loss.cpu())
-                preds.append(logits.argmax(-1).cpu())
-                labels.append(y.cpu())
-        return torch.cat(losses), torch.cat(preds), torch.cat(labels)
+                yield model(**batch, **flags).float(), y
+
+        model.eval()
+        with torch.no_grad():
+            return gather_predictions(batches(), acc)
 
     def report(self, model, loader, acc, step) -> dict:
         from .tasks import evaluation_report

@@ -54,15 +54,7 @@ class ClassificationTask:
     @torch.no_grad()
     def predict(self, model, loader, acc):
         model.eval()  # BatchNorm running statistics and no dropout: what inference will see
-        losses, preds, labels = [], [], []
-        for x, y in loader:
-            logits = self._logits(model, x)
-            loss = F.cross_entropy(logits, y, reduction="none")
-            loss, logits, y = acc.gather_for_metrics((loss, logits, y))
-            losses.append(loss.cpu())
-            preds.append(logits.argmax(-1).cpu())
-            labels.append(y.cpu())
-        return torch.cat(losses), torch.cat(preds), torch.cat(labels)
+        return gather_predictions(((self._logits(model, x), y) for x, y in loader), acc)
 
     def report(self, model, loader, acc, step) -> dict:
         losses, preds, labels = self.predict(model, loader, acc)
@@ -75,6 +67,19 @@ class ClassificationTask:
         if hasattr(model.net, "peft_config"):
             model.net.save_pretrained(model_dir / "adapter")
         plot_confusion(result, run_dir / "confusion_matrix.png")
+
+
+def gather_predictions(batches, acc):
+    """Per-row losses, predicted and true labels, gathered from every process, of ``(logits, labels)``
+    batches (the caller runs the model in eval mode under no_grad)."""
+    losses, preds, labels = [], [], []
+    for logits, y in batches:
+        loss = F.cross_entropy(logits, y, reduction="none")
+        loss, logits, y = acc.gather_for_metrics((loss, logits, y))
+        losses.append(loss.cpu())
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(losses), torch.cat(preds), torch.cat(labels)
 
 
 def evaluation_report(losses, preds, labels, label_names, row_ids, step) -> dict:
