@@ -399,3 +399,20 @@ def test_composed_loss_is_the_decoders_own_loss(task, method):
     loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained if p.ndim)  # every trained weight gets a gradient
+
+
+def test_offline_default_vqa_answers_through_every_entry_point(tmp_path):
+    # The composed offline default (Lite0 + MiniLM) with its default method: the batched CLI path, the
+    # single-image path and the training report agree once a fixed answer is learned. Its quality on
+    # the bundled sample is measured by bench/text_default.py --task vqa.
+    from mmdemo.inference import generate_batch
+
+    dataset = write_dataset(tmp_path / "data", "vqa", n_train=32, fixed=True)
+    out = tmp_path / "run"
+    result = train(TrainConfig(task="vqa", data=dataset, output_dir=str(out), epochs=15, batch_size=8,
+                               learning_rate=1e-3, warmup_ratio=0.0, image_size=64))
+    assert result["exact_match"] == 1.0, result["examples"]
+    images = [picture("green", 3), picture("red", 0)]
+    questions = ["what is in this picture?", "what?"]
+    assert generate_batch(images, questions, out, max_new_tokens=10) == ["some shapes", "some shapes"]
+    assert answer(images[1], questions[1], out) == "some shapes"
