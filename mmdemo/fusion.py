@@ -8,6 +8,11 @@ Two fusions, named by the base model:
 - ``efficientnet_lite0+minilm-cross`` (cross-attention): the text tokens attend to the cells of the
   image feature map (one attention block), then mean pooling over the text plus the pooled image, MLP.
 
+With the Hub (or local folders from the CLI), the encoders can be any pair ``IMAGE+TEXT``: IMAGE a timm
+name or a transformers vision model, TEXT a transformers text model (``timm/resnet50.a1_in1k+bert-base-uncased``),
+or one CLIP / SigLIP dual encoder id (``openai/clip-vit-base-patch32``: its two towers), joined by late
+fusion. A transformer image encoder's tokens stand in for the feature map's cells.
+
 Each fusion has a learned null embedding per modality. Training replaces one input of a share of the rows
 by its null (modality dropout), so the model also learns what to predict from one input alone; the
 evaluation's ablation (image only, text only) then measures what each input contributes. A zeroed input
@@ -28,7 +33,10 @@ from .models import Preprocess, lite0_encoder, lora_targets, prefers_channels_la
 from .runs import META_FILE
 
 LATE_MODEL = "efficientnet_lite0+minilm"
+PAIR = "+"  # IMAGE+TEXT: never part of a Hub id or a timm name
 CROSS_MODEL = "efficientnet_lite0+minilm-cross"
+OFFLINE_CHOICES = (f"Available offline: {LATE_MODEL} (late fusion), {CROSS_MODEL} (cross-attention), or a run of "
+                   f"this task.")
 FUSIONS = {LATE_MODEL: "late", CROSS_MODEL: "cross"}
 TASK = "image_text_classification"
 MODALITY_DROPOUT = 0.15  # share of training rows that lose one input (half the image, half the text)
@@ -103,22 +111,29 @@ class FusedClassifier(nn.Module):
 
     @classmethod
     def matches(cls, name: str) -> bool:
-        return name in FUSIONS
+        from .refs import is_hub_id, local_dir
+
+        return name in FUSIONS or PAIR in name or is_hub_id(name) or local_dir(name) is not None
 
     @classmethod
     def lora_targets(cls, part: str, module: nn.Module) -> list[str]:
-        """LoRA targets of one encoder: the text encoder's attention projections, the image encoder's
-        linears and ungrouped 1x1 convolutions."""
-        return list(cls.text_lora_targets) if part == "text_encoder" else lora_targets(module, "classifier")
+        """LoRA targets of one encoder: the text encoder's attention projections (BERT's query / key /
+        value, CLIP's and SigLIP's q / k / v_proj), the image encoder's linears and ungrouped 1x1 convolutions."""
+        if part != "text_encoder":
+            return lora_targets(module, "classifier")
+        names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+        return [t for t in (*cls.text_lora_targets, "q_proj", "k_proj", "v_proj") if t in names]
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, tokenizer, labels: list[str], fusion: str,
-                 image_size: int, base_model: str):
+                 image_size: int, base_model: str, preprocess: Preprocess | None = None, vision_library: str = "timm"):
         super().__init__()
         self.image_encoder, self.text_encoder, self.tokenizer = image_encoder, text_encoder, tokenizer
         self.labels, self.fusion, self.base_model = list(labels), fusion, base_model
-        self.preprocess = Preprocess(image_size, (0.5,) * 3, (0.5,) * 3)
-        grid = (image_size // 32) ** 2
-        self.head = FUSION_HEADS[fusion](image_encoder.num_features, text_encoder.config.hidden_size, len(labels), grid)
+        self.vision_library = vision_library  # "timm" (forward_features) or "transformers" (last_hidden_state)
+        self.preprocess = preprocess or Preprocess(image_size, (0.5,) * 3, (0.5,) * 3)
+        grid = (self.preprocess.image_size // 32) ** 2
+        self.head = FUSION_HEADS[fusion](_image_dim(image_encoder, vision_library), text_encoder.config.hidden_size,
+                                         len(labels), grid)
         self._channels_last = None
 
     def encoder_modules(self) -> list[str]:
@@ -137,8 +152,14 @@ class FusedClassifier(nn.Module):
         return enc.input_ids, enc.attention_mask
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> the image encoder's feature maps (B x C x h x w)."""
-        return self.image_encoder.forward_features(self.pixels(images))
+        """uint8 images -> the image encoder's feature maps (B x C x h x w; a transformer's N tokens as
+        B x C x N x 1)."""
+        pixels = self.pixels(images)
+        if self.vision_library == "transformers":
+            x = self.image_encoder(pixel_values=pixels).last_hidden_state
+        else:
+            x = self.image_encoder.forward_features(pixels)
+        return x.transpose(1, 2).unsqueeze(-1) if x.dim() == 3 else x
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids -> the text encoder's token states (B x L x hidden)."""
@@ -170,12 +191,15 @@ class FusedClassifier(nn.Module):
         from dataclasses import asdict
 
         return {"task": TASK, "family": self.family, "base_model": self.base_model, "fusion": self.fusion,
+                "vision_library": self.vision_library, "vision_class": _class_name(self.image_encoder),
+                "text_class": _class_name(self.text_encoder),
                 "id2label": {str(i): label for i, label in enumerate(self.labels)},
                 "label2id": {label: i for i, label in enumerate(self.labels)},
                 "text_max_length": TEXT_MAX_LENGTH, "preprocess": asdict(self.preprocess)}
 
     def save(self, model_dir: Path) -> None:
-        """vision/ (timm), text/ (transformers BertModel + tokenizer), fusion.safetensors, mmdemo.json."""
+        """vision/ (timm, or transformers with its image processor), text/ (transformers + tokenizer),
+        fusion.safetensors, mmdemo.json."""
         import copy
 
         from safetensors.torch import save_file
@@ -189,7 +213,11 @@ class FusedClassifier(nn.Module):
             image_encoder = copy.deepcopy(image_encoder).merge_and_unload()
         if hasattr(text_encoder, "merge_and_unload"):
             text_encoder = copy.deepcopy(text_encoder).merge_and_unload()
-        save_for_hf(image_encoder, model_dir / "vision", safe_serialization=True)
+        if self.vision_library == "transformers":
+            image_encoder.save_pretrained(model_dir / "vision")
+            _image_processor(self.preprocess).save_pretrained(model_dir / "vision")
+        else:
+            save_for_hf(image_encoder, model_dir / "vision", safe_serialization=True)
         text_encoder.save_pretrained(model_dir / "text")
         self.tokenizer.save_pretrained(model_dir / "text")
         save_file({k: v.detach().float().contiguous() for k, v in self.head.state_dict().items()},
@@ -199,6 +227,8 @@ class FusedClassifier(nn.Module):
     @classmethod
     def build(cls, labels: list[str], base_model: str = LATE_MODEL, image_size: int = 0, pretrained: bool = True,
               model_dir: Path | None = None, fusion: str | None = None) -> "FusedClassifier":
+        if base_model not in FUSIONS and not model_dir:
+            return _build_towers(cls, labels, base_model, image_size, pretrained)
         from transformers import BertModel, BertTokenizerFast
 
         from .vlm.composed import minilm_path
@@ -214,9 +244,7 @@ class FusedClassifier(nn.Module):
         model = cls(image_encoder, text_encoder, BertTokenizerFast.from_pretrained(text_dir), labels,
                     fusion or FUSIONS[base_model], image_size or 128, base_model)
         if model_dir:
-            from safetensors.torch import load_file
-
-            model.head.load_state_dict(load_file(model_dir / "fusion.safetensors"))
+            _load_head(model, model_dir)
         return model
 
     @classmethod
@@ -224,8 +252,144 @@ class FusedClassifier(nn.Module):
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / META_FILE).read_text())
         labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
-        return cls.build(labels, meta["base_model"], meta["preprocess"]["image_size"], model_dir=model_dir,
-                         fusion=meta["fusion"])
+        if meta.get("base_model") in FUSIONS:
+            return cls.build(labels, meta["base_model"], meta["preprocess"]["image_size"], model_dir=model_dir,
+                             fusion=meta["fusion"])
+        # Encoders from the Hub (or folders): each part reloads from its own saved folder.
+        import transformers
+        from transformers import AutoTokenizer
+
+        def pretrained(part: str, folder: str):  # the class it was saved as (SigLIP's towers have no AutoModel)
+            return getattr(transformers, meta.get(part) or "AutoModel").from_pretrained(model_dir / folder)
+
+        if meta.get("vision_library") == "transformers":
+            image_encoder = pretrained("vision_class", "vision")
+        else:
+            import timm
+
+            image_encoder = timm.create_model(f"local-dir:{model_dir / 'vision'}", pretrained=True)
+            image_encoder.reset_classifier(0)
+        model = cls(image_encoder, pretrained("text_class", "text"),
+                    AutoTokenizer.from_pretrained(model_dir / "text"), labels, meta["fusion"], 0, meta["base_model"],
+                    Preprocess(**meta["preprocess"]), meta.get("vision_library", "timm"))
+        _load_head(model, model_dir)
+        return model
+
+
+def _class_name(module: nn.Module) -> str:
+    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return type(inner).__name__
+
+
+def _load_head(model: FusedClassifier, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.head.load_state_dict(load_file(Path(model_dir) / "fusion.safetensors"))
+
+
+def _image_dim(encoder: nn.Module, library: str) -> int:
+    if library == "timm":
+        return encoder.num_features
+    config = encoder.config
+    return config.hidden_sizes[-1] if getattr(config, "hidden_sizes", None) else config.hidden_size
+
+
+def _image_processor(pre: Preprocess):
+    from transformers import CLIPImageProcessor  # what AutoImageProcessor reads back
+
+    side = pre.image_size
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                              image_mean=list(pre.mean), image_std=list(pre.std))
+
+
+# The towers of the dual encoders people fine-tune classifiers from; each loads alone from the full checkpoint.
+DUAL_TOWERS = {"clip": ("CLIPVisionModel", "CLIPTextModel"), "siglip": ("SiglipVisionModel", "SiglipTextModel"),
+               "siglip2": ("Siglip2VisionModel", "Siglip2TextModel")}
+
+
+def _tower_source(name: str) -> tuple[str, bool]:
+    """(what from_pretrained / create_model reads, whether it is a local folder)."""
+    from .models import hub_reachable
+    from .refs import local_dir
+
+    path = local_dir(name)
+    if path is not None:
+        return str(path), True
+    if not hub_reachable():
+        raise UserInputError(f"Could not fetch '{name}': the Hugging Face Hub is unreachable from this machine "
+                             f"(offline mode or no network). {OFFLINE_CHOICES}")
+    return name, False
+
+
+def _build_towers(cls, labels, base_model: str, image_size: int, pretrained: bool) -> FusedClassifier:
+    """A fused classifier over Hub / folder encoders: ``IMAGE+TEXT`` or one CLIP / SigLIP dual encoder."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from .models import _processor_preprocess
+
+    import timm
+
+    name = base_model.strip()
+    if PAIR not in name and timm.is_model(name):
+        raise UserInputError(f"base_model '{name}' is an image model only: give IMAGE{PAIR}TEXT (e.g. "
+                             f"{name}{PAIR}bert-base-uncased) or a CLIP / SigLIP id. {OFFLINE_CHOICES}")
+    try:
+        if PAIR in name:
+            image_name, text_name = (part.strip() for part in name.split(PAIR, 1))
+            image_encoder, preprocess, library = _image_tower(image_name, pretrained)
+            text_src, _ = _tower_source(text_name)
+            text_encoder = AutoModel.from_pretrained(text_src) if pretrained else \
+                AutoModel.from_config(AutoConfig.from_pretrained(text_src))
+            tokenizer = AutoTokenizer.from_pretrained(text_src)
+        else:
+            src, _ = _tower_source(name)
+            config = AutoConfig.from_pretrained(src)
+            if config.model_type not in DUAL_TOWERS:
+                raise UserInputError(
+                    f"base_model '{name}' is a {config.model_type} model, not a CLIP / SigLIP dual encoder. For "
+                    f"separate encoders give IMAGE{PAIR}TEXT (e.g. timm/resnet50.a1_in1k{PAIR}bert-base-uncased), or "
+                    f"use {LATE_MODEL}.")
+            vision_cls, text_cls = (getattr(transformers, c) for c in DUAL_TOWERS[config.model_type])
+            load = (lambda c: c.from_pretrained(src)) if pretrained else \
+                (lambda c: c._from_config(getattr(config, "vision_config" if c is vision_cls else "text_config")))
+            image_encoder, text_encoder = load(vision_cls), load(text_cls)
+            from transformers import AutoImageProcessor
+
+            preprocess, library = _processor_preprocess(AutoImageProcessor.from_pretrained(src)), "transformers"
+            tokenizer = AutoTokenizer.from_pretrained(src)
+    except UserInputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserInputError(f"Could not load the encoders of base_model '{Path(name).name}' ({type(e).__name__}): "
+                             f"give IMAGE{PAIR}TEXT (a timm or transformers image model and a transformers text "
+                             f"model), a CLIP / SigLIP id, or {LATE_MODEL} (offline).") from None
+    if library == "timm" and image_size and not hasattr(image_encoder, "patch_embed"):
+        preprocess.image_size = image_size  # a convolutional encoder takes any size; a ViT keeps its own
+    return cls(image_encoder, text_encoder, tokenizer, labels, "late", 0, name, preprocess, library)
+
+
+def _image_tower(name: str, pretrained: bool):
+    """(encoder without classifier, its preprocessing, "timm" | "transformers") for a timm name or a
+    transformers vision model (id or folder)."""
+    import timm
+
+    from .models import _processor_preprocess, _timm_preprocess
+
+    src, local = _tower_source(name)
+    is_timm = (Path(src) / "config.json").is_file() and "architecture" in json.loads((Path(src) / "config.json").read_text()) \
+        if local else (name.startswith("hf-hub:") or name.startswith("timm/") or timm.is_model(name))
+    if is_timm:
+        if local:
+            src = f"local-dir:{src}"
+        elif name.startswith("timm/"):
+            src = f"hf-hub:{name}"
+        encoder = timm.create_model(src, pretrained=pretrained or local, num_classes=0)
+        return encoder, _timm_preprocess(encoder), "timm"
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    encoder = AutoModel.from_pretrained(src) if pretrained or local else AutoModel.from_config(AutoConfig.from_pretrained(src))
+    return encoder, _processor_preprocess(AutoImageProcessor.from_pretrained(src)), "transformers"
 
 
 def build_fused_model(base_model: str, labels: list[str], image_size: int = 0,
@@ -237,22 +401,23 @@ def build_fused_model(base_model: str, labels: list[str], image_size: int = 0,
 
     name = (base_model or LATE_MODEL).strip()
     path = local_dir(name)
-    if path is not None:
-        model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
-        meta = json.loads((model_dir / META_FILE).read_text()) if (model_dir / META_FILE).is_file() else {}
+    model_dir = None if path is None else path / "model" if (path / "model" / META_FILE).is_file() else path
+    if model_dir is not None and (model_dir / META_FILE).is_file():  # a run or a saved mmdemo model
+        meta = json.loads((model_dir / META_FILE).read_text())
         if meta.get("task") != TASK:
             raise UserInputError(f"base_model '{path.name}' is not an {TASK} model; use {LATE_MODEL}, {CROSS_MODEL} "
                                  f"or a run of this task.")
         model = FusedClassifier.load(model_dir)
         if model.labels != list(labels):
-            fresh = FusedClassifier.build(labels, meta["base_model"], model.preprocess.image_size, fusion=model.fusion)
-            fresh.image_encoder, fresh.text_encoder = model.image_encoder, model.text_encoder
-            model = fresh  # the encoders continue; a head for the new label set
+            # The encoders continue; a new head for the new label set.
+            model = FusedClassifier(model.image_encoder, model.text_encoder, model.tokenizer, labels, model.fusion, 0,
+                                    model.base_model, model.preprocess, model.vision_library)
         return model
     family = resolve_family("image-text-classifier", name)
     if family is None:
         raise UserInputError(f"base_model for {TASK} must be {LATE_MODEL} (late fusion), {CROSS_MODEL} "
-                             f"(cross-attention) or a run of this task (got {name!r}).")
+                             f"(cross-attention), IMAGE{PAIR}TEXT Hub encoders, a CLIP / SigLIP id or a run of this "
+                             f"task (got {name!r}).")
     return family.build(labels, name, image_size, pretrained)
 
 

@@ -78,6 +78,11 @@ def resolve_model_ref(text, workspace=None, *, field: str = "base_model", allow_
             return str(path.resolve())
     if text in REGISTRY_NAMES or is_hub_id(text):
         return text
+    if "+" in text:  # IMAGE+TEXT encoders of an image + text classifier: each part by the same rule
+        image, _, rest = text.partition("+")
+        if image.strip() and rest.strip() and "+" not in rest:
+            return "+".join(resolve_model_ref(part, None, field=field, allow_local=allow_local)
+                            for part in (image, rest))
     if allow_local:
         raise UserInputError(f"{field} '{text}' was not found: there is no such folder, and it is not a model name "
                              f"(e.g. efficientnet_lite0) or a Hugging Face Hub id (owner/name). Check the path.")

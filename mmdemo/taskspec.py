@@ -116,7 +116,8 @@ register_task(TaskSpec(
     {"frozen_encoders": {"learning_rate": 2e-3, "epochs": 20, "batch_size": 32},
      "full": {"learning_rate": 1e-4, "epochs": 6, "batch_size": 16},
      "lora": {"learning_rate": 1e-3, "epochs": 6, "batch_size": 16}},
-    base_models=("efficientnet_lite0+minilm", "efficientnet_lite0+minilm-cross"), tab="Classify", hub_example="",
+    base_models=("efficientnet_lite0+minilm", "efficientnet_lite0+minilm-cross", "openai/clip-vit-base-patch32",
+                 "timm/resnet50.a1_in1k+bert-base-uncased"), tab="Classify", hub_example="",
     pipeline_tag="image-classification", hub_tag="image-text-classification",
     title="Image + Text Classification", ingest="mmdemo.imagetext:ingest_image_text",
     training="mmdemo.imagetext:ImageTextClassificationTask", predictor="mmdemo.imagetext:load_image_text_predictor"))

@@ -361,3 +361,98 @@ def test_a_hub_dataset_with_image_text_and_label_columns(tmp_path, monkeypatch):
     assert summary.classes == ["no", "yes"] and summary.num_train + summary.num_val == 5
     assert summary.source == "someone/image-text"
     assert any("Dropped 1 row" in w and "the text is empty" in w for w in summary.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders from the Hub: IMAGE+TEXT pairs and CLIP / SigLIP towers (tiny local folders stand in for Hub ids)
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """Tiny, randomly initialised encoders saved as the ecosystem saves them: {name: absolute folder}."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel,
+                              SiglipConfig, SiglipModel)
+
+    from mmdemo.vlm.composed import minilm_path
+
+    root = tmp_path_factory.mktemp("towers")
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("test_vit", pretrained=False), root / "vit", safe_serialization=True)
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **small)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    text = dict(vocab_size=len(tok), max_position_embeddings=64, bos_token_id=tok.cls_token_id,
+                eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, **small)
+    vision = dict(image_size=32, patch_size=8, **small)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for name, model in (("clip", CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))),
+                        ("siglip", SiglipModel(SiglipConfig(text_config=text, vision_config=vision)))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        images.save_pretrained(root / name)
+    return {name: str(root / name) for name in ("vit", "bert", "clip", "siglip")}
+
+
+@pytest.mark.parametrize("pair, method", [("vit+bert", "frozen_encoders"), ("clip", "lora"), ("siglip", "full")])
+def test_hub_encoders_train_save_reload_and_predict(towers, tmp_path, pair, method):
+    import timm
+    import transformers
+
+    from mmdemo.config import TrainConfig
+    from mmdemo.data import open_image
+    from mmdemo.fusion import FusedClassifier
+    from mmdemo.inference import classify
+    from mmdemo.refs import resolve_model_ref
+    from mmdemo.training import train
+
+    base = "+".join(towers[p] for p in pair.split("+"))
+    assert resolve_model_ref(base, allow_local=True) == base  # the CLI's rule: each part is a folder
+    with pytest.raises(UserInputError, match="folders on the server are not accepted"):
+        resolve_model_ref(base)  # the app's rule
+    rows = [(f"images/{c}{i}.png", f"is it {c}?", c) for c in COLOURS for i in range(3)]
+    summary = _ingest(_rows_zip(tmp_path, rows), tmp_path)
+    run = tmp_path / "run"
+    result = train(TrainConfig(data=summary.path, output_dir=str(run), task=TASK, base_model=base, method=method,
+                               epochs=2, max_steps=2, batch_size=4))
+    assert result["step"] == 2 and set(result["ablation"]) >= {"both", "image_only", "text_only"}
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    model = FusedClassifier.load(run / "model")
+    head = sum(p.numel() for p in model.head.parameters())
+    if method == "frozen_encoders":
+        assert start["trainable_params"] == head
+    elif method == "lora":
+        assert head < start["trainable_params"] < start["total_params"] / 2
+    else:
+        assert start["trainable_params"] == start["total_params"]
+    # The saved parts load with their own libraries; the reloaded model predicts what the report measured.
+    meta = json.loads((run / "model" / "mmdemo.json").read_text())
+    assert meta["base_model"] == base and meta["vision_library"] == ("timm" if pair == "vit+bert" else "transformers")
+    text_class = getattr(transformers, meta["text_class"])  # BertModel, CLIPTextModel, SiglipTextModel
+    assert text_class.from_pretrained(run / "model" / "text").config.hidden_size == 32
+    if pair != "vit+bert":
+        vision_class = getattr(transformers, meta["vision_class"])
+        assert vision_class.__name__.endswith("VisionModel")
+        assert vision_class.from_pretrained(run / "model" / "vision").config.hidden_size == 32
+    else:
+        assert timm.create_model(f"local-dir:{run / 'model' / 'vision'}", pretrained=True).num_features == 64
+    image = open_image(ROOT / "assets" / "examples" / "circle.png")
+    labels = classify(image, str(run), 3, "is it red?")
+    assert set(labels) == set(COLOURS) and abs(sum(labels.values()) - 1) < 1e-3
+    if pair == "siglip":  # the card's snippet names the classes the parts load with
+        from mmdemo.hub import export_run
+
+        export_run(run, tmp_path / "out", repo_id="someone/itc-siglip")
+        card = (tmp_path / "out" / "README.md").read_text()
+        assert 'SiglipVisionModel.from_pretrained(f"{folder}/vision")' in card
+        assert "a transformers `SiglipTextModel`" in card
+
+
+def test_a_single_id_that_is_no_dual_encoder_names_the_pair_form(towers):
+    from mmdemo.fusion import build_fused_model
+
+    with pytest.raises(UserInputError, match=r"not a CLIP / SigLIP dual encoder. For separate encoders give IMAGE\+TEXT"):
+        build_fused_model(towers["bert"], ["a", "b"])

@@ -52,6 +52,9 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
     report = read_json(run_dir / "eval.json")
     family, task = meta.get("family", "timm"), meta.get("task", "classification")
     base, dataset = hub_base_model(cfg, meta), hub_dataset(cfg)
+    if family == "fused" and "+" in str(cfg.get("base_model") or ""):  # Hub encoders: each part's own id
+        parts = [hub_base_model({**cfg, "base_model": part}, {}) for part in str(cfg["base_model"]).split("+")]
+        base = [part for part in parts if part] or None
     name = (repo_id or "").split("/")[-1] or f"mmdemo-{run_dir.name}"
     repo = repo_id or f"your-name/{name}"
     adapter = (model_dir / "adapter").is_dir() and not merged
@@ -102,8 +105,10 @@ def _eval_results(report: dict, task: str, dataset: str | None) -> list:
     return results
 
 
-def _origin(cfg: dict, meta: dict, base: str | None) -> str:
+def _origin(cfg: dict, meta: dict, base: str | list[str] | None) -> str:
     public = public_base_model(cfg.get("base_model") or meta.get("base_model", ""))
+    if isinstance(base, list):
+        return " + ".join(f"[{b}](https://huggingface.co/{b})" for b in base)
     return f"[{base}](https://huggingface.co/{base})" if base else f"`{public or 'a local model'}`"
 
 
@@ -270,7 +275,19 @@ def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
         f"[0, 1] and normalised with mean {mean} and std {std}. Sequences: {layout}.", ""]
 
 
+def _fused_parts(meta: dict) -> list[str]:
+    if meta.get("base_model", "").startswith("efficientnet_lite0+minilm"):
+        return ["- `vision/`: the image encoder, a timm folder (`tf_efficientnet_lite0`, no classifier);",
+                "- `text/`: the text encoder, a transformers `BertModel` (MiniLM-L6), and its tokenizer;"]
+    vision = "a timm folder (no classifier)" if meta.get("vision_library", "timm") == "timm" else \
+        f"a transformers `{meta.get('vision_class', 'AutoModel')}` with its image processor"
+    return [f"- `vision/`: the image encoder, {vision};",
+            f"- `text/`: the text encoder, a transformers `{meta.get('text_class', 'AutoModel')}`, and its tokenizer;"]
+
+
 def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
+    timm_vision = meta.get("vision_library", "timm") == "timm"
+    vision_class, text_class = meta.get("vision_class") or "AutoModel", meta.get("text_class") or "BertModel"
     pre = meta.get("preprocess", {})
     size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
     ablation = report.get("ablation", {})
@@ -296,16 +313,16 @@ def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
         f'folder = snapshot_download("{repo}")',
         'print(classify(Image.open("image.jpg"), folder, top_k=5, text="what color is the shape?"))', "```", "",
         "Its parts load with their own libraries:", "",
-        "- `vision/`: the image encoder, a timm folder (`tf_efficientnet_lite0`, no classifier);",
-        "- `text/`: the text encoder, a transformers `BertModel` (MiniLM-L6), and its tokenizer;",
+        *_fused_parts(meta),
         f"- `fusion.safetensors`: the fusion head ({fusion}), `FUSION_HEADS[fusion]` in "
         "`mmdemo/fusion.py`; it takes the encoder's feature map and the text's token states;",
         "- `mmdemo.json`: the labels (`id2label`), the fusion, the preprocessing.", "",
-        "```python", "import timm", "from safetensors.torch import load_file",
-        "from transformers import BertModel, BertTokenizerFast", "",
-        'image_encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)',
-        'text_encoder = BertModel.from_pretrained(f"{folder}/text")',
-        'tokenizer = BertTokenizerFast.from_pretrained(f"{folder}/text")',
+        "```python", "import timm" if timm_vision else f"from transformers import {vision_class}",
+        "from safetensors.torch import load_file", f"from transformers import {text_class}, AutoTokenizer", "",
+        'image_encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)' if timm_vision else
+        f'image_encoder = {vision_class}.from_pretrained(f"{{folder}}/vision")',
+        f'text_encoder = {text_class}.from_pretrained(f"{{folder}}/text")',
+        'tokenizer = AutoTokenizer.from_pretrained(f"{folder}/text")',
         'head_state = load_file(f"{folder}/fusion.safetensors")', "```", "",
         f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
         f"[0, 1] and normalised with mean {mean} and std {std}. Texts: tokenised to at most "
