@@ -34,6 +34,7 @@ LOSSES = ("infonce", "sigmoid")
 METHODS = ("locked_image", "full", "lora")
 TEXT_MAX_LENGTH = 64
 EMBED_DIM = 256
+TEXT_TRAINED_LAYERS = 2  # locked_image (LiT): the top MiniLM layers that train with the projections
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
@@ -177,6 +178,7 @@ class DualEncoder(nn.Module):
         self.requires_grad_(method != "lora")
         if method == "locked_image":
             self.get_submodule(self.image_tower).requires_grad_(False)
+            self.lock_lower_text()
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -189,6 +191,9 @@ class DualEncoder(nn.Module):
                 if not any(name.startswith(t + ".") for t in self.tower_modules()) or self.is_head(name):
                     p.requires_grad_(True)
         return self
+
+    def lock_lower_text(self) -> None:
+        """locked_image: a family may also keep the lower part of its text tower fixed (a cost cut)."""
 
     def is_head(self, name: str) -> bool:
         """A parameter inside a tower that trains in full under LoRA (CLIP's projections live in the towers'
@@ -247,6 +252,13 @@ class LiTDualEncoder(DualEncoder):
 
     def tower_features(self, pixels):
         return self.image_encoder(pixels)  # the classifier is reset: pooled 1280-d features
+
+    def lock_lower_text(self) -> None:
+        # The word embeddings and the lower layers stay as pretrained: the backward pass and the optimizer
+        # then cover a third of the tower, and a few hundred captions do not unlearn its vocabulary.
+        self.text_encoder.embeddings.requires_grad_(False)
+        for layer in self.text_encoder.encoder.layer[:-TEXT_TRAINED_LAYERS]:
+            layer.requires_grad_(False)
 
     def project_image(self, features):
         return self.image_proj(features)

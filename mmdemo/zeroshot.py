@@ -3,9 +3,9 @@
 - checkpoint "" (offline, no training): the EfficientNet-Lite0 ImageNet classifier's probabilities carried
   over to the user's labels through MiniLM sentence embeddings. ``conse`` is ConSE (Norouzi et al., 2014:
   the probability-weighted embedding of the top ImageNet classes, compared with the label embeddings);
-  ``transfer`` (the default, better on scikit-image's photos: bench/retrieval.py) hands each ImageNet
+  ``transfer`` (the default) hands each ImageNet
   class's probability to the user labels its name is closest to (a softmax over the labels of the
-  name-to-label similarities), so the label probabilities sum to one by construction.
+  name-to-label similarities). On scikit-image's photos both name 6 of 8 (bench/retrieval.py).
 - a retrieval run, a CLIP / SigLIP folder or Hub id: the softmax over the labels of the scaled
   image-prompt similarities, as CLIP's zero-shot classifier does.
 """
