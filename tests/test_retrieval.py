@@ -2,8 +2,6 @@
 (train -> save -> load -> search -> zero-shot), the offline zero-shot classifier and the CLI."""
 
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -254,20 +252,17 @@ def test_zero_shot_refuses_a_template_without_a_slot():
         zero_shot_batch([Image.new("RGB", (32, 32))], "cat, dog", template="a photo")
 
 
-def test_cli_search_and_zero_shot_predict(lit_run, dataset):
+def test_cli_search_and_zero_shot_predict(lit_run, dataset, capsys):
+    from mmdemo.__main__ import main
+
+    # In this process (main(argv) is what `python -m mmdemo` runs), so the models load once.
     run, _ = lit_run
-    cmd = [sys.executable, "-m", "mmdemo"]
-    out = subprocess.run(cmd + ["search", "--checkpoint", str(run), "--data", dataset.path, "--top-k", "3",
-                                "a red circle"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert main(["search", "--checkpoint", str(run), "--data", dataset.path, "--top-k", "3", "a red circle"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["rank"] for r in lines] == [1, 2, 3] and all(r["file_name"].startswith("images/") for r in lines)
-    out = subprocess.run(cmd + ["predict", "--task", "retrieval", "--checkpoint", str(run), "--labels",
-                                "red circle, blue triangle", "--template", "a {}", str(ASSETS / "examples/circle.png")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr
-    record = json.loads(out.stdout)
+    assert main(["predict", "--task", "retrieval", "--checkpoint", str(run), "--labels", "red circle, blue triangle",
+                 "--template", "a {}", str(ASSETS / "examples/circle.png")]) == 0
+    record = json.loads(capsys.readouterr().out)
     assert set(record["labels"]) == {"red circle", "blue triangle"}
-    out = subprocess.run(cmd + ["predict", "--task", "retrieval", "--labels", "cat", str(ASSETS / "examples/cat.jpg")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 2 and "Only one label" in out.stderr
+    assert main(["predict", "--task", "retrieval", "--labels", "cat", str(ASSETS / "examples/cat.jpg")]) == 2
+    assert "Only one label" in capsys.readouterr().err
