@@ -176,6 +176,13 @@ def test_tiny_transformers_dual_encoder_trains_saves_loads_searches_and_classifi
     assert set(zero_shot_batch([image], ["circle", "square"], str(base))[0]) == {"circle", "square"}
     with pytest.raises(UserInputError, match="reads at most 64"):
         search_images("a red circle " * 30, dataset.path, run)
+    # The export is the transformers folder itself, with a card for the zero-shot pipeline.
+    from mmdemo.hub import export_run
+
+    files = export_run(tmp_path / "run", tmp_path / "export")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "mmdemo.json"} <= set(files)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "pipeline_tag: zero-shot-image-classification" in card and "text → image" in card
 
 
 @pytest.fixture(scope="module")
