@@ -91,7 +91,7 @@ def search_latency(run: Path, n: int = 10_000, queries: int = 30) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from mmdemo.search import _cache_path, image_embeddings, search_images
+    from mmdemo.search import _cache_path, embed_query, image_embeddings, search_images
 
     dataset = next((run.parent / (run.name + "-data")).glob("datasets/*"))
     big = run.parent / "search-10k"
@@ -121,7 +121,7 @@ def search_latency(run: Path, n: int = 10_000, queries: int = 30) -> None:
     encode, scan = [], []
     for i in range(queries):
         t0 = time.perf_counter()
-        q = model.embed_texts([QUERIES[i % len(QUERIES)]])[0]
+        q = embed_query(model, QUERIES[i % len(QUERIES)])
         t1 = time.perf_counter()
         (cached @ q).topk(5)
         encode.append(t1 - t0)

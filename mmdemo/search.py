@@ -46,7 +46,24 @@ def search_images(query: str, dataset_dir, checkpoint, top_k: int = 5) -> list[d
     model = load_dual(checkpoint)
     model.check_query(query)
     images, names = image_embeddings(dataset_dir, checkpoint, model)
-    return _best(images, names, model.embed_texts([query])[0], top_k, "file_name")
+    return _best(images, names, embed_query(model, query), top_k, "file_name")
+
+
+def embed_query(model, query: str):
+    """One query's embedding on one thread: for a single short sentence the threads' synchronisation costs
+    more than it saves (on 2 busy cores 72 ms on one thread against 2.7 s on two; bench/RESULTS.md). The
+    thread count is process-wide, so it is changed only under the inference lock every forward pass takes."""
+    import torch
+
+    from .inference import _lock
+
+    with _lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return model.embed_texts([query])[0]
+        finally:
+            torch.set_num_threads(threads)
 
 
 def search_captions(image, dataset_dir, checkpoint, top_k: int = 5) -> list[dict]:
