@@ -22,6 +22,7 @@ COLOURED_SHAPE_QUESTION = re.compile(r"what is the (\w+) shape\?")  # "what is t
 CAPTION_IMAGES = {"train": 600, "test": 150}
 VQA_IMAGES = 800
 IMAGE_TEXT_IMAGES = 250
+RETRIEVAL_IMAGES = 500
 
 
 def shape_labels() -> dict[int, str]:
@@ -150,6 +151,24 @@ def write_image_text_zip(out: Path) -> dict[str, int]:
     return {"images": len(entries) - 1, "rows": len(rows)}
 
 
+def write_retrieval_zip(out: Path) -> dict[str, int]:
+    """images/ and one metadata.jsonl with two rows (two phrasings of its caption) per image: "a red circle"
+    and "a circle that is red"; many images share a caption, as in real caption sets."""
+    from easy_vqa import get_train_image_paths, get_train_questions
+
+    chosen = list(captions(get_train_questions()).items())[:RETRIEVAL_IMAGES]
+    paths = get_train_image_paths()
+    entries = {f"images/{i:04d}.png": Path(paths[i]).read_bytes() for i, _ in chosen}
+    rows = []
+    for i, text in chosen:
+        colour, shape = text.split()[1:]
+        rows += [{"file_name": f"images/{i:04d}.png", "text": text},
+                 {"file_name": f"images/{i:04d}.png", "text": f"a {shape} that is {colour}"}]
+    entries["metadata.jsonl"] = jsonl(rows)
+    write_entries(out, entries)
+    return {"images": len(chosen), "captions": len(rows)}
+
+
 def write_examples(picked: dict[str, list[int]], out_dir: Path) -> None:
     from easy_vqa import get_train_image_paths
     from PIL import Image
@@ -174,7 +193,8 @@ def main() -> None:
     write_examples(picked, HERE / "examples")
     print({shape: len(ids) for shape, ids in picked.items()}, (HERE / "sample_shapes.zip").stat().st_size, "bytes")
     for name, write in (("sample_captions.zip", write_captions_zip), ("sample_vqa.zip", write_vqa_zip),
-                        ("sample_image_text.zip", write_image_text_zip)):
+                        ("sample_image_text.zip", write_image_text_zip),
+                        ("sample_retrieval.zip", write_retrieval_zip)):
         print(name, write(HERE / name), (HERE / name).stat().st_size, "bytes")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _API = ("ingest", "start", "status", "stop", "resume", "list_runs", "classify", "caption", "answer", "push",
-        "export", "resolve_checkpoint", "job_manager")
+        "export", "resolve_checkpoint", "job_manager", "search", "match_captions", "zero_shot")
 _HOMES = {**{name: "mmdemo.api" for name in _API}, "TrainConfig": "mmdemo.config",
           "UserInputError": "mmdemo.errors"}
 

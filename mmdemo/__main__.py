@@ -4,6 +4,8 @@
     python -m mmdemo train --config RUN_DIR/config.yaml
     python -m mmdemo predict --checkpoint DIR --task classification IMG...
     python -m mmdemo predict --checkpoint DIR --task image_text_classification --text "what color is it?" IMG...
+    python -m mmdemo predict --task retrieval [--checkpoint DIR] --labels "cat, dog, car" IMG...
+    python -m mmdemo search --checkpoint DIR --data DATASET "a red circle"
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--text", help="the text that goes with every image (image_text_classification)")
+    p.add_argument("--labels", help="comma-separated labels to choose from (retrieval: zero-shot classification)")
+    p.add_argument("--template", help="retrieval: how a label becomes a caption, {} = the label ('a photo of a {}.')")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -215,6 +219,10 @@ def _run_predict(args) -> int:
     def predict(images: list) -> list[dict]:
         if args.task == "classification":
             return [{"labels": labels} for labels in classify_batch(images, checkpoint, args.top_k)]
+        if args.task == "retrieval":
+            from .retrieval_cli import zero_shot_records
+
+            return zero_shot_records(images, args, checkpoint)
         if args.task == "image_text_classification":
             from .imagetext import classify_batch as classify_with_text
 
@@ -250,6 +258,10 @@ def _predict_checkpoint(text: str, task: str) -> str | None:
     from .inference import load_predictor
     from .refs import resolve_model_ref
 
+    if task == "retrieval":  # "" = the offline zero-shot classifier; a CLIP folder needs no mmdemo.json
+        from .retrieval_cli import retrieval_checkpoint
+
+        return retrieval_checkpoint(text)
     checkpoint = resolve_model_ref(text, field="--checkpoint", allow_local=True) or None
     try:
         load_predictor(checkpoint, task)
@@ -298,11 +310,18 @@ def main(argv=None) -> int:
     from .hub import add_cli_commands, run_cli
 
     add_cli_commands(sub)
+    from .retrieval_cli import add_search_command
+
+    add_search_command(sub)
     args = parser.parse_args(argv)
     code = run_cli(args)
     if code is not None:
         return code
     try:
+        if args.command == "search":
+            from .retrieval_cli import run_search
+
+            return run_search(args)
         return _run_train(args) if args.command == "train" else _run_predict(args)
     except UserInputError as e:
         print(f"error: {cli_wording(str(e))}", file=sys.stderr)

@@ -158,3 +158,46 @@ def export(workspace: Path, run_id: str, out_dir: Path, *, repo_id: str | None =
     from .hub import export_run
 
     return export_run(find_run(workspace, run_id), out_dir, repo_id=repo_id)
+
+
+def _retrieval_checkpoint(workspace: Path, checkpoint: str) -> str:
+    """A retrieval checkpoint as the engine takes it; "" = this workspace's newest finished retrieval run."""
+    resolved = resolve_checkpoint(workspace, checkpoint)
+    if resolved:
+        return resolved
+    runs = [r for r in list_runs(workspace) if r.get("task") == "retrieval" and r.get("status") in ("completed", "stopped")]
+    if not runs:
+        raise UserInputError("No retrieval model yet: fine-tune one on a captioned image set (e.g. the retrieval "
+                             "sample) and search with its run, or give a CLIP / SigLIP Hub id such as "
+                             "openai/clip-vit-base-patch32 (needs the Hub).")
+    return resolve_checkpoint(workspace, runs[0]["run_id"])
+
+
+def search(workspace: Path, query: str, dataset_id: str, checkpoint: str = "", top_k: int = 5) -> list[dict]:
+    """The ``top_k`` images of one of this workspace's datasets that best match a text: ``[{file_name, score}]``,
+    best first; checkpoint "" = the newest finished retrieval run here (image embeddings cached on disk)."""
+    from .data import find_dataset
+    from .search import check_query, search_images
+
+    query = check_query(query)
+    dataset_dir = find_dataset(workspace, dataset_id)
+    return search_images(query, dataset_dir, _retrieval_checkpoint(workspace, checkpoint), top_k)
+
+
+def match_captions(workspace: Path, image, dataset_id: str, checkpoint: str = "", top_k: int = 5) -> list[dict]:
+    """The captions of one of this workspace's datasets that best match an image: ``[{caption, score}]``."""
+    from .data import find_dataset
+    from .search import search_captions
+
+    dataset_dir = find_dataset(workspace, dataset_id)
+    return search_captions(image, dataset_dir, _retrieval_checkpoint(workspace, checkpoint), top_k)
+
+
+def zero_shot(workspace: Path, image, labels, checkpoint: str = "", template: str = "a photo of a {}.") -> dict:
+    """``{label: probability}`` for a PIL image and free-text labels (comma-separated); checkpoint "" = the
+    offline ImageNet-based classifier, else a retrieval run of this workspace or a CLIP / SigLIP Hub id."""
+    from .zeroshot import zero_shot_batch
+
+    if image is None:
+        raise UserInputError("No image given: give an image to classify.")
+    return zero_shot_batch([image], labels, resolve_checkpoint(workspace, checkpoint) or "", template)[0]

@@ -229,19 +229,11 @@ class FusedClassifier(nn.Module):
               model_dir: Path | None = None, fusion: str | None = None) -> "FusedClassifier":
         if base_model not in FUSIONS and not model_dir:
             return _build_towers(cls, labels, base_model, image_size, pretrained)
-        from transformers import BertModel, BertTokenizerFast
+        from .vlm.composed import minilm_encoder
 
-        from .vlm.composed import minilm_path
-
-        text_dir = str(model_dir / "text") if model_dir else minilm_path()
         image_encoder = lite0_encoder(model_dir, pretrained)
-        if pretrained or model_dir:
-            text_encoder = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
-        else:
-            from transformers import BertConfig
-
-            text_encoder = BertModel(BertConfig.from_pretrained(text_dir), add_pooling_layer=False)
-        model = cls(image_encoder, text_encoder, BertTokenizerFast.from_pretrained(text_dir), labels,
+        text_encoder, tokenizer = minilm_encoder(model_dir, pretrained)
+        model = cls(image_encoder, text_encoder, tokenizer, labels,
                     fusion or FUSIONS[base_model], image_size or 128, base_model)
         if model_dir:
             _load_head(model, model_dir)

@@ -213,3 +213,45 @@ def _check_pairs(predictions: list[str], references: list[list[str]]) -> None:
     if any(isinstance(refs, str) for refs in references):
         # A bare string would be scored character by character without any error.
         raise ValueError("Each entry of references must be a list of strings, not a string.")
+
+
+# --- image-text retrieval ------------------------------------------------------------------------
+
+RECALL_KS = (1, 5, 10)
+
+
+def retrieval_metrics(similarity, image_captions: list[list[str]], texts: list[str], ks=RECALL_KS) -> dict:
+    """Recall@k in both directions and the median rank, the standard way: a query is a hit at k when any
+    of its true matches is among its k best-scored candidates.
+
+    Args:
+        similarity: images x texts scores (anything ``numpy.asarray`` takes); higher is closer.
+        image_captions: each image's true captions.
+        texts: the caption of each column. Columns with the same text are one candidate (and one query):
+            a caption shared by several images ("a red circle") is a true match of each of them, never a
+            wrong answer for one, and it is counted once as a text query.
+
+    Returns:
+        ``i2t_recall@k`` (image -> text) and ``t2i_recall@k`` (text -> image) per k, ``i2t_median_rank``,
+        ``t2i_median_rank`` (1 = the first candidate is a true match) and ``mean_recall`` (their mean).
+        A tie with a wrong candidate counts against the query.
+    """
+    import numpy as np
+
+    sim = np.asarray(similarity, dtype=np.float64)
+    first = list(dict.fromkeys(texts))
+    columns = [texts.index(t) for t in first]
+    sim = sim[:, columns].reshape(len(image_captions), len(first))
+    true = np.array([[t in set(caps) for t in first] for caps in image_captions], dtype=bool).reshape(sim.shape)
+    out = {}
+    for name, scores, matches in (("i2t", sim, true), ("t2i", sim.T, true.T)):
+        queries = matches.any(1)  # a query without a true match (a text of no image here) is not ranked
+        scores, matches = scores[queries], matches[queries]
+        best = np.where(matches, scores, -np.inf).max(1, initial=-np.inf)
+        ranks = 1 + (np.where(matches, -np.inf, scores) >= best[:, None]).sum(1)
+        for k in ks:
+            out[f"{name}_recall@{k}"] = float((ranks <= k).mean()) if len(ranks) else 0.0
+        out[f"{name}_median_rank"] = float(np.median(ranks)) if len(ranks) else 0.0
+    recalls = [v for k, v in out.items() if "recall@" in k]
+    out["mean_recall"] = float(sum(recalls) / len(recalls))
+    return out

@@ -121,3 +121,15 @@ register_task(TaskSpec(
     pipeline_tag="image-classification", hub_tag="image-text-classification",
     title="Image + Text Classification", ingest="mmdemo.imagetext:ingest_image_text",
     training="mmdemo.imagetext:ImageTextClassificationTask", predictor="mmdemo.imagetext:load_image_text_predictor"))
+# Image-text matching: the captioning layout, a dual encoder (mmdemo/dualenc.py). locked_image (LiT) trains
+# the text tower and the projections on image features computed once; full and LoRA run the image tower in
+# every step. Bigger batches give more in-batch negatives (bench/retrieval.py).
+register_task(TaskSpec(
+    "retrieval", frozenset({"captions"}), ("locked_image", "full", "lora"),
+    {"locked_image": {"learning_rate": 3e-4, "epochs": 5, "batch_size": 64},
+     "full": {"learning_rate": 1e-4, "epochs": 6, "batch_size": 32},
+     "lora": {"learning_rate": 1e-3, "epochs": 8, "batch_size": 32}},
+    base_models=("efficientnet_lite0+minilm", "openai/clip-vit-base-patch32", "google/siglip-base-patch16-224"),
+    tab="Search", hub_example="openai/clip-vit-base-patch32", pipeline_tag="zero-shot-image-classification",
+    hub_tag="image-text-retrieval", title="Image-Text Retrieval", ingest="mmdemo.data.text:ingest_text",
+    training="mmdemo.retrieval:RetrievalTask", predictor="mmdemo.retrieval:load_retrieval_predictor"))

@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         write_json_atomic(run_dir / EVAL_FILE, result)
         writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank)
         message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
-        headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match") if k in result}
+        headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match",
+                                           *getattr(task, "headline_metrics", ())) if k in result}
         write_status(run_dir, outcome, message=message, finished=time.time(), metrics=headline)
     writer.close()
     acc.wait_for_everyone()

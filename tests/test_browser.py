@@ -1,6 +1,6 @@
 """The whole UI flow in a real browser (Debian's Chromium through Playwright) against the real app:
 sample dataset -> train one epoch, watching progress -> classify an example with the new run (which the
-Classify tab selects once the run completes)."""
+Classify tab selects once the run completes); the Search tab lists the datasets and explains an empty run list."""
 
 import re
 from pathlib import Path
@@ -85,6 +85,14 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
             second.get_by_role("tab", name="Train").click()
             expect(second.locator("#run-choice input")).to_have_value(re.compile(f"^{run_prefix}"), timeout=30_000)
             expect(second.locator("#train-status")).to_contain_text("completed · step 6 / 6", timeout=30_000)
+
+            # Search tab: this browser's datasets are on offer; with no retrieval run yet a search says so.
+            second.get_by_role("tab", name="Search").click()
+            second.locator("#search-dataset input").click()
+            second.get_by_role("option", name=re.compile("classification")).first.click()
+            second.locator("#search-query textarea").fill("a red circle")
+            second.locator("#search-button").click()
+            expect(second.get_by_test_id("toast-text").first).to_contain_text("No retrieval model yet", timeout=30_000)
         finally:
             browser.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"

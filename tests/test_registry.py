@@ -19,17 +19,19 @@ from mmdemo.vlm import LORA_TARGETS, build_image_text_model
 
 
 def test_registries_list_the_tasks_and_families():
-    assert list(TASK_SPECS) == ["classification", "captioning", "vqa", "image_text_classification"]
-    assert [s.resolve("training").__name__ for s in TASK_SPECS.values()] == ["ClassificationTask", "TextTask",
-                                                                             "TextTask", "ImageTextClassificationTask"]
+    assert list(TASK_SPECS) == ["classification", "captioning", "vqa", "image_text_classification", "retrieval"]
+    assert [s.resolve("training").__name__ for s in TASK_SPECS.values()] == [
+        "ClassificationTask", "TextTask", "TextTask", "ImageTextClassificationTask", "RetrievalTask"]
     assert [s.resolve("ingest").__name__ for s in TASK_SPECS.values()] == ["ingest_classification", "ingest_text",
-                                                                           "ingest_text", "ingest_image_text"]
+                                                                           "ingest_text", "ingest_image_text",
+                                                                           "ingest_text"]
     assert all(callable(s.resolve("predictor")) for s in TASK_SPECS.values())
     # Resolution order: the offline default before timm (which knows its name too), transformers last.
     assert list(families("classifier")) == ["efficientnet_lite0", "timm", "transformers"]
     # BLIP and GIT before the chat family, whose model_types include theirs.
     assert list(families("image-text")) == ["composed", "blip", "git", "vlm"]
     assert list(families("image-text-classifier")) == ["fused"]
+    assert list(families("dual-encoder")) == ["lit", "clip"]
     assert {name: get_family(name).peft_attr for name in families("image-text")} == {
         "composed": "decoder", "blip": "net", "git": "net", "vlm": "net"}
     assert LORA_TARGETS == {"composed": ["query", "value"], "blip": ["query", "value", "qkv"],
@@ -42,28 +44,34 @@ def test_task_specs_import_without_torch():
 
 
 def test_task_specs_give_the_config_and_card_tables():
-    itc = "image_text_classification"
-    assert config.TASKS == ("classification", "captioning", "vqa", itc)
+    itc, rt = "image_text_classification", "retrieval"
+    assert config.TASKS == ("classification", "captioning", "vqa", itc, rt)
     assert config.TASK_METHODS == {"classification": ("full", "head", "lora", "bitfit"),
                                    "captioning": ("frozen_vision", "full", "lora"),
-                                   "vqa": ("frozen_vision", "full", "lora"), itc: ("frozen_encoders", "full", "lora")}
-    assert config.METHODS == ("full", "head", "lora", "bitfit", "frozen_vision", "frozen_encoders")
+                                   "vqa": ("frozen_vision", "full", "lora"), itc: ("frozen_encoders", "full", "lora"),
+                                   rt: ("locked_image", "full", "lora")}
+    assert config.METHODS == ("full", "head", "lora", "bitfit", "frozen_vision", "frozen_encoders", "locked_image")
     assert config.DEFAULT_MODELS == {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
-                                     "vqa": "efficientnet_lite0+minilm", itc: "efficientnet_lite0+minilm"}
+                                     "vqa": "efficientnet_lite0+minilm", itc: "efficientnet_lite0+minilm",
+                                     rt: "efficientnet_lite0+minilm"}
     assert card.PIPELINE_TAGS == {"classification": "image-classification", "captioning": "image-text-to-text",
-                                  "vqa": "image-text-to-text", itc: "image-classification"}
+                                  "vqa": "image-text-to-text", itc: "image-classification",
+                                  rt: "zero-shot-image-classification"}
     assert card.TASK_TAGS == {"classification": "image-classification", "captioning": "image-captioning",
-                              "vqa": "visual-question-answering", itc: "image-text-classification"}
+                              "vqa": "visual-question-answering", itc: "image-text-classification",
+                              rt: "image-text-retrieval"}
     assert card.TASK_NAMES == {"classification": "Image Classification", "captioning": "Image Captioning",
-                               "vqa": "Visual Question Answering", itc: "Image + Text Classification"}
+                               "vqa": "Visual Question Answering", itc: "Image + Text Classification",
+                               rt: "Image-Text Retrieval"}
     for name, spec in TASK_SPECS.items():
         for method in spec.methods:
             cfg = TrainConfig(data="d", output_dir="o", task=name, method=method)
             resolved = {"learning_rate": cfg.learning_rate, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
             assert spec.method_defaults[method] == resolved, (name, method)
-    assert TAB_OF == {"classification": "Classify", "captioning": "Caption", "vqa": "Ask", itc: "Classify"}
-    assert HUB_EXAMPLES == {"captioning": "Salesforce/blip-image-captioning-base", "vqa": "Salesforce/blip-vqa-base"}
-    for name in ("timm", "transformers", "composed", "blip", "git", "vlm", "fused"):  # the families mmdemo.json records
+    assert TAB_OF == {"classification": "Classify", "captioning": "Caption", "vqa": "Ask", itc: "Classify", rt: "Search"}
+    assert HUB_EXAMPLES == {"captioning": "Salesforce/blip-image-captioning-base", "vqa": "Salesforce/blip-vqa-base",
+                            rt: "openai/clip-vit-base-patch32"}
+    for name in ("timm", "transformers", "composed", "blip", "git", "vlm", "fused", "lit", "clip"):  # the families mmdemo.json records
         assert get_family(name).library == card.LIBRARIES.get(name, name), name
 
 
@@ -74,9 +82,9 @@ def test_the_default_classifier_is_recorded_as_a_timm_model():
 
 
 def test_unknown_task_names_fail_clearly(tmp_path):
-    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification \(got 'ocr'\)"):
+    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification, retrieval \(got 'ocr'\)"):
         TrainConfig(data="d", output_dir="o", task="ocr")
-    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification \(got 'ocr'\)"):
+    with pytest.raises(UserInputError, match=r"task must be one of classification, captioning, vqa, image_text_classification, retrieval \(got 'ocr'\)"):
         task_spec("ocr")
     with pytest.raises(UserInputError, match="task 'ocr' is not supported yet; supported tasks: classification, "
                                              "captioning, vqa, image_text_classification"):

@@ -17,6 +17,7 @@ from .api import register_api
 from .common import TASKS, browser_workspace, user_errors
 from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
 from .predict_tabs import build_classify_tab, build_text_tab, on_answer, on_caption, on_classify
+from .search_tab import build_search_tab, build_zero_shot_section
 from .train_tab import build_train_tab, on_pick_dataset, on_resume, on_start, on_stop, on_tick, run_choices
 
 
@@ -29,7 +30,7 @@ def on_load_browser(browser_id: str):
 @user_errors
 def on_refresh_choices(browser_id):
     if not browser_id:
-        return (gr.skip(),) * 5
+        return (gr.skip(),) * (2 + len(checkpoint_choices_keys()))
     wsp = browser_workspace(browser_id)
     return (gr.update(choices=dataset_choices(wsp)), gr.update(choices=run_choices(wsp)),
             *(gr.update(choices=c) for c in checkpoint_choices(wsp).values()))
@@ -38,6 +39,11 @@ def on_refresh_choices(browser_id):
 def list_task(task: str) -> str:
     """The task whose key names the checkpoint list of ``task``'s predict tab (its tab's first task)."""
     return next(t for t in TASKS if TASK_SPECS[t].tab == TASK_SPECS[task].tab)
+
+
+def checkpoint_choices_keys() -> list[str]:
+    """The tasks keying the predict tabs' checkpoint lists, in the order of checkpoint_choices."""
+    return list(dict.fromkeys(map(list_task, TASKS)))
 
 
 def checkpoint_choices(wsp) -> dict[str, list]:
@@ -59,7 +65,7 @@ def on_run_reported(browser_id, run_id, reported):
     from mmdemo.runs import find_run
 
     if not browser_id or not run_id or not reported.startswith(run_id):
-        return (gr.skip(),) * 3
+        return (gr.skip(),) * len(checkpoint_choices_keys())
     wsp = browser_workspace(browser_id)
     task = yaml.safe_load((find_run(wsp, run_id) / "config.yaml").read_text()).get("task")
     choices = checkpoint_choices(wsp)
@@ -82,11 +88,13 @@ def build_demo() -> gr.Blocks:
         file, task, hub_id, load, sample, summary, counts, gallery = build_dataset_tab()
         (dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes,
          gpu_notice) = build_train_tab(browser_id)
-        checkpoint, image, classify_text, labels, classify_button = build_classify_tab()
+        checkpoint, image, classify_text, labels, classify_button = build_classify_tab(
+            lambda tab_image: build_zero_shot_section(browser_id, tab_image))
         cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
         vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
+        search_ckpt = build_search_tab(browser_id)
         private = {"api_visibility": "private"}
-        choices = [dataset, run, checkpoint, cap_ckpt, vqa_ckpt]
+        choices = [dataset, run, checkpoint, cap_ckpt, vqa_ckpt, search_ckpt]
 
         demo.load(on_load_browser, browser_id, browser_id, **private).then(
             lambda: [gr.update(interactive=True)] * 3, None, [load, sample, start], **private).then(
@@ -102,7 +110,8 @@ def build_demo() -> gr.Blocks:
         gr.Timer(1.0).tick(on_tick, [browser_id, run, reported],
                            [progress, loss_plot, val_plot, report, confusion, mistakes, reported],
                            concurrency_limit=None, show_progress="hidden", **private)
-        reported.change(on_run_reported, [browser_id, run, reported], [checkpoint, cap_ckpt, vqa_ckpt], **private)
+        reported.change(on_run_reported, [browser_id, run, reported], [checkpoint, cap_ckpt, vqa_ckpt, search_ckpt],
+                        **private)
         gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
                            **private)
         classify_button.click(on_classify, [browser_id, image, checkpoint, classify_text], labels, **private)

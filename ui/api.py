@@ -7,6 +7,7 @@ import gradio as gr
 from mmdemo import api
 
 from .common import answer, api_workspace, caption, classify, file_path, manager, read_image, user_errors
+from .search_tab import match_captions, search, zero_shot
 
 
 def api_load_dataset(file: dict, task: str = "classification", request: gr.Request = None) -> dict:
@@ -70,6 +71,25 @@ def api_list_runs(request: gr.Request = None) -> list:
     return api.list_runs(api_workspace(request), manager=manager())
 
 
+def api_search(query: str, dataset_id: str, checkpoint: str = "", top_k: int = 5, request: gr.Request = None) -> list:
+    """The images of one of your datasets that best match a text: [{file_name, score}], best first; checkpoint ""
+    = your newest finished retrieval run."""
+    return search(api_workspace(request), query, dataset_id, checkpoint, top_k)
+
+
+def api_search_captions(image: dict, dataset_id: str, checkpoint: str = "", top_k: int = 5,
+                        request: gr.Request = None) -> list:
+    """The captions of one of your datasets that best match an image: [{caption, score}], best first."""
+    return match_captions(api_workspace(request), read_image(image), dataset_id, checkpoint, top_k)
+
+
+def api_zero_shot(image: dict, labels: str, checkpoint: str = "", template: str = "a photo of a {}.",
+                  request: gr.Request = None) -> dict:
+    """{label: probability} for an image and comma-separated labels; checkpoint "" = the offline classifier, else a
+    retrieval run id of yours or a CLIP / SigLIP Hub id."""
+    return zero_shot(api_workspace(request), read_image(image), labels, checkpoint, template)
+
+
 def register_api() -> None:
     for fn, name, limit in [(api_load_dataset, "load_dataset", 2), (api_start_training, "start_training", 4),
                             (api_training_status, "training_status", None), (api_stop_training, "stop_training", None),
@@ -77,3 +97,5 @@ def register_api() -> None:
                             (api_caption, "caption", 4), (api_answer, "answer", 4), (api_push_to_hub, "push_to_hub", 2),
                             (api_list_runs, "list_runs", None)]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)
+    for fn, name in [(api_search, "search"), (api_search_captions, "search_captions"), (api_zero_shot, "zero_shot")]:
+        gr.api(user_errors(fn), api_name=name, concurrency_limit=4)

@@ -19,7 +19,8 @@ from mmdemo.jobs import has_active_run
 
 ASSETS = Path(__file__).parent.parent / "assets"
 SAMPLES = {"classification": ASSETS / "sample_shapes.zip", "captioning": ASSETS / "sample_captions.zip",
-           "vqa": ASSETS / "sample_vqa.zip", "image_text_classification": ASSETS / "sample_image_text.zip"}
+           "vqa": ASSETS / "sample_vqa.zip", "image_text_classification": ASSETS / "sample_image_text.zip",
+           "retrieval": ASSETS / "sample_retrieval.zip"}
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*") if p.suffix.lower() in (".jpg", ".png"))
 SHAPE_EXAMPLES = [e for e in EXAMPLES if Path(e).suffix == ".png"]
 TASKS = list(config.TASKS)

@@ -31,7 +31,7 @@ def on_answer(browser_id, image, question, checkpoint, max_new_tokens, beams):
     return answer(browser_workspace(browser_id), image, question, checkpoint or "", max_new_tokens, beams)
 
 
-def build_classify_tab():
+def build_classify_tab(extra=None):
     with gr.Tab("Classify"):
         checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
         with gr.Row():
@@ -43,6 +43,8 @@ def build_classify_tab():
             labels = gr.Label(num_top_classes=5, label="Top 5", elem_id="classify-labels")
         button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         gr.Examples(EXAMPLES, inputs=image)
+        if extra is not None:  # more sections on the tab's image (the zero-shot mode)
+            extra(image)
     return checkpoint, image, text, labels, button
 
 

@@ -44,6 +44,9 @@ TEXT_TASKS = {
                                         "with a metadata.jsonl or metadata.csv of file_name, question and answer "
                                         "rows")),
 }
+# Image-text retrieval reads the captioning layout; its rows also keep each image's file name (search results).
+TEXT_TASKS["retrieval"] = TEXT_TASKS["captioning"]
+CAPTION_TASKS = ("captioning", "retrieval")
 
 
 def ingest_text(source, work, task, *, val_fraction, seed, max_side):
@@ -69,9 +72,13 @@ def ingest_text(source, work, task, *, val_fraction, seed, max_side):
                         f"{listing(skipped, 10)}.")
     splits = _split_by_image(decoded, val_fraction, seed)
     warnings += duplicate_warning(splits)
-    column = "captions" if task == "captioning" else "questions"
+    column = "captions" if task in CAPTION_TASKS else "questions"
     counts = {s: {"images": len(set(splits[s]["digest"])), spec.counted: sum(map(len, splits[s][column]))}
               for s in SPLITS if s in splits}
+    if task == "retrieval":
+        out = {s: splits[s].select_columns(["image", "captions", "source"]).rename_column("source", "file_name")
+               for s in counts}
+        return datasets.DatasetDict(out), [], counts, warnings
     if task == "captioning":
         out = {s: splits[s].select_columns(["image", "captions"]) for s in counts}
         return datasets.DatasetDict(out), [], counts, warnings
@@ -84,7 +91,7 @@ def _unit_features(task, image):
     import datasets
 
     texts = datasets.List(datasets.Value("string"))
-    columns = {"captions": texts} if task == "captioning" else {"questions": texts, "answers": datasets.List(texts)}
+    columns = {"captions": texts} if task in CAPTION_TASKS else {"questions": texts, "answers": datasets.List(texts)}
     return datasets.Features({"image": image, "source": datasets.Value("string"), "rows": datasets.Value("string"),
                               **columns})
 
@@ -215,7 +222,7 @@ def _units_dataset(units: list[dict], task, images=None):
     columns = {"source": [u["source"] for u in units],
                "rows": ["; ".join(f"{where}{'s' * (len(n) > 1)} {', '.join(n)}" for where, n in u["rows"].items())
                         for u in units]}
-    columns.update({"captions": [u["captions"] for u in units]} if task == "captioning" else
+    columns.update({"captions": [u["captions"] for u in units]} if task in CAPTION_TASKS else
                    {"questions": [u["questions"] for u in units], "answers": [u["answers"] for u in units]})
     features = _unit_features(task, datasets.Image(decode=False))
     if images is None:

@@ -25,7 +25,7 @@ TEXT_METRICS = {"captioning": {"bleu4": ("bleu", "BLEU-4"), "rouge_l": ("rouge",
                 "vqa": {"vqa_accuracy": ("accuracy", "VQA accuracy"), "exact_match": ("exact_match", "exact match")}}
 # The composed family is two ecosystem models plus a projection: no single library loads it.
 LIBRARIES = {"composed": "mmdemo", "fused": "mmdemo", "blip": "transformers", "git": "transformers",
-             "vlm": "transformers"}
+             "vlm": "transformers", "lit": "mmdemo", "clip": "transformers"}
 FAMILY_NAMES = {"blip": "BLIP", "git": "GIT", "vlm": "chat VLM"}
 CHAT_CAPTION_PROMPT = "Describe this image in a few words."  # vlm.hf.ChatImageText._prompt's, for captioning
 MAX_EXAMPLES = 10
@@ -66,7 +66,11 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
                          metrics=list(dict.fromkeys(r.metric_type for r in results)) or None, model_name=name,
                          eval_results=results or None)
     lines = [f"# {name}", ""]
-    if task in ("classification", "image_text_classification"):
+    if task == "retrieval":
+        from .retrieval_card import retrieval_card_lines
+
+        lines += retrieval_card_lines(repo, family, meta, report, _origin(cfg, meta, base), cfg.get("method", ""))
+    elif task in ("classification", "image_text_classification"):
         lines += [_card_intro(meta, cfg, base), "", *_card_metrics(report)]
         if (run_dir / "confusion_matrix.png").is_file():
             lines += ["![confusion matrix](confusion_matrix.png)", ""]
@@ -90,9 +94,14 @@ def _eval_results(report: dict, task: str, dataset: str | None) -> list:
 
     local = {"classification": "local image folder", "captioning": "local image-caption dataset",
              "vqa": "local visual question answering dataset",
-             "image_text_classification": "local image + text dataset"}[task]
+             "image_text_classification": "local image + text dataset",
+             "retrieval": "local image-caption dataset"}[task]
     where = {"task_type": PIPELINE_TAGS[task], "task_name": TASK_NAMES[task], "dataset_split": "validation",
              "dataset_type": dataset or "imagefolder", "dataset_name": dataset or local}
+    if task == "retrieval":
+        return [EvalResult(metric_type="recall", metric_name=f"{label} R@{k}", metric_value=report[f"{d}_recall@{k}"],
+                           **where) for d, label in (("t2i", "text-to-image"), ("i2t", "image-to-text"))
+                for k in (1, 5) if f"{d}_recall@{k}" in report]
     if task not in ("classification", "image_text_classification"):
         return [EvalResult(metric_type=kind, metric_name=label, metric_value=report[key], **where)
                 for key, (kind, label) in TEXT_METRICS[task].items() if kind and key in report]
@@ -116,7 +125,7 @@ def _license(model_dir: Path, family: str) -> str:
     # timm configs carry their weights' licence (the composed family's encoder is a timm folder);
     # otherwise the base model's own card decides: "other".
     config = {"timm": model_dir / "config.json", "composed": model_dir / "vision/config.json",
-              "fused": model_dir / "vision/config.json"}.get(family)
+              "fused": model_dir / "vision/config.json", "lit": model_dir / "vision/config.json"}.get(family)
     return (read_json(config).get("pretrained_cfg", {}) if config else {}).get("license") or "other"
 
 

