@@ -12,6 +12,7 @@ import yaml
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
 from .taskspec import TASK_SPECS
+from .tracking import project_problem
 
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
 
@@ -93,6 +94,8 @@ class TrainConfig:
                 "so a killed run loses little when resumed"})
     checkpoint_every_steps: int = field(default=0, metadata={
         "help": "also save a checkpoint every this many optimizer steps (0 = off)"})
+    trackio: str = field(default="", metadata={
+        "help": "also log this run's metrics to this trackio project, in trackio's local store ('' = off)"})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -148,6 +151,8 @@ class TrainConfig:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
+        if project_problem(self.trackio):
+            p.append(project_problem(self.trackio))
         return p
 
     def _parse_types(self) -> list[str]:
