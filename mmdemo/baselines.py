@@ -284,6 +284,10 @@ def _lock_for(dataset_dir: Path) -> threading.Lock:
 
 
 METHOD_LABELS = {"head": "head only is enough", "lora": "LoRA", "full": "full fine-tune"}
+# A training step of the default classifier (batch 16, 160 px, 2 CPU cores) relative to a full step, from
+# bench/advice.py: the head trains on a frozen backbone (no backward through it), LoRA and BitFit still
+# backpropagate through every layer. jobs.CPU_COST was measured with the full method.
+METHOD_STEP_COST = {"full": 1.0, "head": 0.25, "lora": 0.88, "bitfit": 0.85}
 
 
 def recommended_method(probe_accuracy: float | None) -> str:
@@ -302,9 +306,10 @@ def recommend(summary, probe_accuracy: float | None, gpu: bool | None = None) ->
     and a low-rank update adapts them at a fraction of the trainable parameters: LoRA. Below, the
     pretrained features miss what separates the classes: full fine-tune.
 
-    ``cpu_seconds`` is ``jobs.estimate_cpu_seconds`` for that method's default recipe: epochs x training
-    rows x 0.06 s + evaluations x validation rows x 0.02 s (``jobs.CPU_COST``, measured with the default
-    recipe on the bundled samples on 2 CPU cores); None where a GPU is visible.
+    ``cpu_seconds`` is ``jobs.estimate_cpu_seconds`` for that method's default recipe (epochs x training
+    rows x 0.06 s + evaluations x validation rows x 0.02 s: ``jobs.CPU_COST``, measured with the full
+    recipe on the bundled samples on 2 CPU cores) times the method's METHOD_STEP_COST; None where a GPU
+    is visible.
     """
     from . import jobs
     from .config import TrainConfig
@@ -313,14 +318,15 @@ def recommend(summary, probe_accuracy: float | None, gpu: bool | None = None) ->
     method = recommended_method(probe_accuracy)
     cfg = TrainConfig(data=summary.path or "-", output_dir="-", task="classification", method=method)
     gpu = jobs.has_gpu() if gpu is None else gpu
-    seconds = None if gpu else round(jobs.estimate_cpu_seconds(summary, cfg), 1)
+    seconds = None if gpu else round(jobs.estimate_cpu_seconds(summary, cfg) * METHOD_STEP_COST[method], 1)
     when = f", about {format_duration(seconds)} on this machine's CPU" if seconds is not None else " (on the GPU)"
     probe = "no probe" if probe_accuracy is None else f"the frozen {BACKBONE} features' linear probe reaches " \
                                                        f"{probe_accuracy:.1%} on the validation split"
     return {"method": method, "label": METHOD_LABELS[method], "epochs": cfg.epochs, "cpu_seconds": seconds,
-            "text": f"{METHOD_LABELS[method].capitalize()}{when}: {probe}.",
-            "estimate": "epochs x training images x 0.06 s + evaluations x validation images x 0.02 s "
-                        "(the default recipe measured on 2 CPU cores, mmdemo.jobs.CPU_COST)"}
+            "text": f"{METHOD_LABELS[method][0].upper()}{METHOD_LABELS[method][1:]}{when}: {probe}.",
+            "estimate": f"(epochs x training images x 0.06 s + evaluations x validation images x 0.02 s) x "
+                        f"{METHOD_STEP_COST[method]} (the full recipe measured on 2 CPU cores, mmdemo.jobs.CPU_COST; "
+                        f"a {method} step costs {METHOD_STEP_COST[method]} of a full one, bench/advice.py)"}
 
 
 def training_vs_baselines(run_dir: Path) -> dict | None:
