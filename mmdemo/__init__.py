@@ -10,6 +10,7 @@ import importlib
 
 _API = ("ingest", "start", "status", "stop", "resume", "list_runs", "classify", "caption", "answer", "push",
         "export", "resolve_checkpoint", "job_manager", "search", "match_captions", "zero_shot")
+_API += ("dataset_baselines", "compare_runs")  # advice before training, the Compare view
 _HOMES = {**{name: "mmdemo.api" for name in _API}, "TrainConfig": "mmdemo.config",
           "UserInputError": "mmdemo.errors"}
 

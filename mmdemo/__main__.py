@@ -6,6 +6,8 @@
     python -m mmdemo predict --checkpoint DIR --task image_text_classification --text "what color is it?" IMG...
     python -m mmdemo predict --task retrieval [--checkpoint DIR] --labels "cat, dog, car" IMG...
     python -m mmdemo search --checkpoint DIR --data DATASET "a red circle"
+    python -m mmdemo baselines DATASET             # advice before training (mmdemo/advice_cli.py)
+    python -m mmdemo compare RUN_DIR RUN_DIR...    # runs side by side
 """
 
 from __future__ import annotations
@@ -313,8 +315,12 @@ def main(argv=None) -> int:
     from .retrieval_cli import add_search_command
 
     add_search_command(sub)
+    from .advice_cli import add_cli_commands as add_advice_commands, run_cli as run_advice_cli
+
+    add_advice_commands(sub)
     args = parser.parse_args(argv)
     code = run_cli(args)
+    code = run_advice_cli(args) if code is None else code
     if code is not None:
         return code
     try:

@@ -74,6 +74,25 @@ def training_plan(workspace: Path, dataset_id: str) -> dict:
     return {"task": summary.task, "cpu_seconds": seconds}
 
 
+def dataset_baselines(workspace: Path, dataset_id: str) -> dict:
+    """What a classification dataset gets without fine-tuning, and the recipe to start with: the frozen
+    offline backbone's k-shot curve (nearest class mean, linear probe) and full-data baselines on the
+    validation split, the recommended method and its predicted time (see mmdemo.baselines)."""
+    from .baselines import baseline_report
+    from .data import find_dataset
+
+    return baseline_report(find_dataset(workspace, dataset_id))
+
+
+def compare_runs(workspace: Path, run_ids: list[str]) -> dict:
+    """Two or more runs of this workspace side by side: curves, differing settings, metric deltas."""
+    from .compare import compare_runs as compare
+
+    if isinstance(run_ids, str):
+        run_ids = [r for r in run_ids.replace(",", " ").split() if r]
+    return compare([find_run(workspace, run_id) for run_id in run_ids or []])
+
+
 def start(workspace: Path, dataset_id: str, *, manager: jobs.JobManager | None = None, **params) -> str:
     """Queues a training run on an ingested dataset; ``params`` are TrainConfig fields ("" / None / 0: the
     defaults). Returns the run id."""

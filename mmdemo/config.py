@@ -12,6 +12,7 @@ import yaml
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
 from .taskspec import TASK_SPECS
+from .tracking import project_problem
 
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
 
@@ -97,6 +98,8 @@ class TrainConfig:
     contrastive_loss: str = field(default="auto", metadata={
         "help": "retrieval loss: infonce (CLIP), sigmoid (SigLIP) or auto (SigLIP models sigmoid, others infonce)",
         "choices": CONTRASTIVE_LOSSES})
+    trackio: str = field(default="", metadata={
+        "help": "also log this run's metrics to this trackio project, in trackio's local store ('' = off)"})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -154,6 +157,8 @@ class TrainConfig:
             p.append(f"contrastive_loss must be auto, infonce or sigmoid (got {self.contrastive_loss!r})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
+        if project_problem(self.trackio):
+            p.append(project_problem(self.trackio))
         return p
 
     def _parse_types(self) -> list[str]:

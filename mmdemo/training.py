@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import tracking
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
 from .models import count_parameters
@@ -144,7 +145,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, scheduler)
     state = _resume(run_dir, acc, optimizer, scheduler)
 
-    writer = MetricsWriter(run_dir / METRICS_FILE, main, on_record)
+    listener = tracking.listener(cfg, run_dir.name, on_record) if main else on_record  # + trackio when set
+    writer = MetricsWriter(run_dir / METRICS_FILE, main, listener)
     if main:  # metrics: a resumed run's headline is its own final evaluation, not its predecessor's
         write_status(run_dir, "running", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      pid=os.getpid(), pid_start=process_start_time(os.getpid()), message="", started=time.time(),

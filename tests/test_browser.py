@@ -40,6 +40,11 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
             # Train tab: one epoch of the default model on the dataset just loaded.
             page.get_by_role("tab", name="Train").click()
             expect(page.locator("#dataset-choice input")).to_have_value(re.compile("3 classes · 120 images"))
+            # Before training: the frozen base model's baselines and the recommended recipe, which the Method
+            # takes (on the sample's shapes the probe reaches 100%: head only is enough).
+            expect(page.locator("#advice-text")).to_contain_text("Recommended: head only is enough", timeout=120_000)
+            expect(page.get_by_role("radio", name="head")).to_be_checked()
+            page.get_by_role("radio", name="full").check()  # the run below: the full recipe, 6 steps of 16
             page.get_by_label("Epochs (0 = default)").fill("1")
             page.locator("#start-training").click()
             run_choice = page.locator("#run-choice input")
@@ -61,6 +66,8 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
             for name in ("circle", "rectangle", "triangle"):
                 expect(metrics.get_by_role("row", name=re.compile(f"^{name} [\\d. ]+ 8$"))).to_have_count(1)
             expect(page.locator("img[src*='confusion_matrix']")).to_have_count(1)
+            expect(page.locator("#baseline-verdict")).to_contain_text(
+                re.compile("Training (beat|did not beat) the base model"), timeout=30_000)
             # The run list refreshes every 5 s; the checkpoint list refreshes with it.
             expect(run_choice).to_have_value(re.compile("completed$"), timeout=30_000)
             run_prefix = run_choice.input_value()[:8]

@@ -14,6 +14,7 @@ from mmdemo.api import DEFAULT_CHECKPOINT
 from mmdemo.taskspec import TASK_SPECS
 
 from .api import register_api
+from .compare_tab import build_compare_tab
 from .common import TASKS, browser_workspace, user_errors
 from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
 from .predict_tabs import build_classify_tab, build_text_tab, on_answer, on_caption, on_classify
@@ -93,6 +94,7 @@ def build_demo() -> gr.Blocks:
         cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
         vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
         search_ckpt = build_search_tab(browser_id)
+        build_compare_tab(browser_id)
         private = {"api_visibility": "private"}
         choices = [dataset, run, checkpoint, cap_ckpt, vqa_ckpt, search_ckpt]
 

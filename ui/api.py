@@ -19,13 +19,13 @@ def api_load_dataset(file: dict, task: str = "classification", request: gr.Reque
 
 def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
                        learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
-                       max_steps: int = 0, request: gr.Request = None) -> dict:
+                       max_steps: int = 0, trackio: str = "", request: gr.Request = None) -> dict:
     """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name settings that will
-    run far too long or close to the memory there is."""
+    run far too long or close to the memory there is. ``trackio``: a trackio project to log the run to."""
     wsp = api_workspace(request)
     run_id = api.start(wsp, dataset_id, manager=manager(), base_model=base_model, method=method,
                        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, image_size=image_size,
-                       max_steps=max_steps)
+                       max_steps=max_steps, trackio=trackio)
     return {"run_id": run_id, "warnings": api.run_warnings(wsp, run_id)}
 
 
@@ -88,6 +88,15 @@ def api_zero_shot(image: dict, labels: str, checkpoint: str = "", template: str 
     """{label: probability} for an image and comma-separated labels; checkpoint "" = the offline classifier, else a
     retrieval run id of yours or a CLIP / SigLIP Hub id."""
     return zero_shot(api_workspace(request), read_image(image), labels, checkpoint, template)
+def api_baselines(dataset_id: str, request: gr.Request = None) -> dict:
+    """A classification dataset's baselines without fine-tuning (k-shot curve, full-data linear probe and
+    nearest class mean on the validation split) and the recommended recipe with its predicted time."""
+    return api.dataset_baselines(api_workspace(request), dataset_id)
+
+
+def api_compare_runs(run_ids: list[str], request: gr.Request = None) -> dict:
+    """Two or more runs of this session side by side: curves, settings that differ, metric deltas."""
+    return api.compare_runs(api_workspace(request), run_ids)
 
 
 def register_api() -> None:
@@ -99,3 +108,5 @@ def register_api() -> None:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)
     for fn, name in [(api_search, "search"), (api_search_captions, "search_captions"), (api_zero_shot, "zero_shot")]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=4)
+    for fn, name, limit in [(api_baselines, "baselines", 2), (api_compare_runs, "compare_runs", None)]:
+        gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)

@@ -10,6 +10,7 @@ import gradio as gr
 from mmdemo import api, runs
 from mmdemo.errors import UserInputError
 
+from .advice import advised_method, build_advice_section, build_baseline_comparison
 from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
 
 
@@ -27,6 +28,7 @@ def on_pick_dataset(browser_id, dataset_id):
         return gr.skip(), gr.skip(), gr.skip()
     plan = api.training_plan(browser_workspace(browser_id), dataset_id)
     task = plan["task"]
+    advised = advised_method(browser_workspace(browser_id), dataset_id) if task == "classification" else None
     notice = ""
     if plan["cpu_seconds"] is not None:
         minutes = plan["cpu_seconds"] / 60
@@ -35,7 +37,7 @@ def on_pick_dataset(browser_id, dataset_id):
                   "For long jobs use GPU hardware (on a Hugging Face Space: Settings → Hardware, a dedicated GPU; "
                   "ZeroGPU only serves inference).")
     return (gr.update(choices=BASE_MODELS[task], value=BASE_MODELS[task][0]),
-            gr.update(choices=METHODS[task], value=METHODS[task][0]), notice)
+            gr.update(choices=METHODS[task], value=advised or METHODS[task][0]), notice)
 
 
 @user_errors
@@ -135,12 +137,15 @@ def build_train_tab(browser_id):
                 fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)")
                 fields["early_stopping_patience"] = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
                 fields["seed"] = gr.Number(0, label="Seed", precision=0)
+                fields["trackio"] = gr.Textbox("", label="trackio project (empty = off)",
+                                               info="also log the run's metrics to trackio's local store")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")
             resume = gr.Button("Resume")
             run = gr.Dropdown(label="Run", choices=[], elem_id="run-choice", scale=3)
         gpu_notice = gr.Markdown(elem_id="gpu-notice")
+        build_advice_section(browser_id, dataset, fields["method"])
         progress = gr.HTML("<div>No run selected.</div>", elem_id="train-status")
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260, elem_id="loss-plot",
@@ -151,6 +156,7 @@ def build_train_tab(browser_id):
             report = gr.Dataframe(label="Validation metrics", interactive=False,
                                   headers=["class", "precision", "recall", "f1", "support", "accuracy"])
             confusion = gr.Image(label="Confusion matrix", type="filepath", height=320)
+        build_baseline_comparison(browser_id, run, report)
         # contain: a small image shown whole (cover crops a 64 px shape to its background)
         mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
