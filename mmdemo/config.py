@@ -11,6 +11,7 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
+from .recipe import RECIPES, SWITCHES, epochs_for_dataset, resolve_recipe
 from .taskspec import TASK_SPECS
 
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
@@ -93,6 +94,15 @@ class TrainConfig:
                 "so a killed run loses little when resumed"})
     checkpoint_every_steps: int = field(default=0, metadata={
         "help": "also save a checkpoint every this many optimizer steps (0 = off)"})
+    recipe: str = field(default="auto", metadata={
+        "help": "classification: lp-ft fits the new head on frozen features before everything trains, plain "
+                "trains at once (auto: lp-ft for method full); config.yaml records the one used",
+        "choices": RECIPES})
+    hflip: str = field(default="auto", metadata={
+        "help": "random horizontal flips in the augmentation (auto: off for glyph-like images such as digits "
+                "or text, on otherwise)", "choices": SWITCHES})
+    keep_best: bool = field(default=True, metadata={
+        "help": "classification: end with the weights of the best validation evaluation, not the last"})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -106,6 +116,9 @@ class TrainConfig:
         defaults = TASK_SPECS[self.task].method_defaults[self.method]
         if not self.base_model:
             set_(self, "base_model", DEFAULT_MODELS[self.task])
+        set_(self, "recipe", resolve_recipe(self.recipe, self.method) if self.task == "classification" else "plain")
+        if not self.epochs and self.recipe == "lp-ft":  # epochs from the dataset's size (mmdemo/recipe.py)
+            set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
         for name in ("learning_rate", "epochs", "batch_size"):
             if not getattr(self, name):
                 set_(self, name, defaults[name])
@@ -146,6 +159,9 @@ class TrainConfig:
             p.append(f"log_every must be 0 (automatic) or more (got {self.log_every})")
         if self.gradient_accumulation_steps < 1 or self.lora_r < 1:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
+        if self.recipe not in RECIPES or self.hflip not in SWITCHES:
+            p.append(f"recipe must be one of {', '.join(RECIPES)} and hflip one of {', '.join(SWITCHES)} "
+                     f"(got {self.recipe!r}, {self.hflip!r})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p
