@@ -207,7 +207,7 @@ def frozen_feature_methods(data: dict, classes: list[str], size: int) -> dict:
 def naive_finetune(data: dict, classes: list[str], seed: int) -> tuple[float, float]:
     """AdamW + one-cycle, everything trained, no augmentation or other tricks; test accuracy, seconds."""
     torch.manual_seed(seed)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     net = _lite0(len(classes)).net
     x_train, y_train = _pixels(data["train"][0], NAIVE["image_size"]), torch.as_tensor(data["train"][1])
     bs, epochs = NAIVE["batch_size"], NAIVE["epochs"]
@@ -224,7 +224,7 @@ def naive_finetune(data: dict, classes: list[str], seed: int) -> tuple[float, fl
             opt.step()
             sched.step()
     accuracy = _net_accuracy(net, data["test"], NAIVE["image_size"])
-    return accuracy, round(time.time() - t0, 1)
+    return accuracy, round(time.time() - t0, 1), round(time.process_time() - c0, 1)
 
 
 @torch.no_grad()
@@ -235,15 +235,17 @@ def _net_accuracy(net, split, size: int, batch: int = 64) -> float:
     return float((preds == y).float().mean())
 
 
-def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[str], seed: int) -> dict:
-    """``train`` with the default TrainConfig (only the seed set), then the saved model on the test split."""
+def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[str], seed: int,
+                   overrides: dict | None = None) -> dict:
+    """``train`` with the default TrainConfig (only the seed set, plus ``--set`` values when a candidate
+    change is measured), then the saved model on the test split."""
     from mmdemo.config import TrainConfig
     from mmdemo.models import load_classifier
     from mmdemo.training import train
 
-    t0 = time.time()
-    result = train(TrainConfig(data=dataset_dir, output_dir=str(run_dir), seed=seed))
-    seconds = round(time.time() - t0, 1)
+    t0, c0 = time.time(), time.process_time()
+    result = train(TrainConfig(data=dataset_dir, output_dir=str(run_dir), seed=seed, **(overrides or {})))
+    seconds, cpu = round(time.time() - t0, 1), round(time.process_time() - c0, 1)
     clf = load_classifier(run_dir / "model")
     order = [clf.labels.index(c) for c in classes]  # model output index of each dataset class
     net = clf.net
@@ -254,14 +256,15 @@ def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[st
     preds = logits[:, order].argmax(-1)
     cfg = TrainConfig.load(run_dir / "config.yaml")
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output_dir", "extra")}
-    return {"accuracy": float((preds == y).float().mean()), "seconds": seconds, "val_accuracy": result["accuracy"],
+    return {"accuracy": float((preds == y).float().mean()), "seconds": seconds, "cpu_seconds": cpu,
+            "val_accuracy": result["accuracy"],
             "image_size": clf.preprocess.image_size, "recipe": recipe}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set) -> dict:
+def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None) -> dict:
     from mmdemo.data import ingest_dataset
 
     raw = workspace / name
@@ -279,11 +282,11 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set) -> dict
     defaults = []
     if "default" not in skip:
         for seed in seeds:
-            d = engine_default(summary.path, workspace / f"run-{name}-{seed}", data, classes, seed)
+            d = engine_default(summary.path, workspace / f"run-{name}-{seed}", data, classes, seed, overrides)
             defaults.append(d)
             benchlib.emit(f"{name}_default_test_accuracy", round(d["accuracy"], 4), seed=seed, seconds=d["seconds"],
-                          val_accuracy=d["val_accuracy"], recipe=d["recipe"])
-        row["default"] = _mean_of([(d["accuracy"], d["seconds"]) for d in defaults])
+                          cpu_seconds=d["cpu_seconds"], val_accuracy=d["val_accuracy"], recipe=d["recipe"])
+        row["default"] = _mean_of([(d["accuracy"], d["seconds"], d["cpu_seconds"]) for d in defaults])
     sizes = sorted({PROBE_SIZE, *(d["image_size"] for d in defaults)})
     if "probe" not in skip:
         for size in sizes:
@@ -295,15 +298,17 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set) -> dict
     if "naive" not in skip:
         runs = []
         for seed in seeds:
-            acc, seconds = naive_finetune(data, classes, seed)
-            runs.append((acc, seconds))
-            benchlib.emit(f"{name}_naive_ft_test_accuracy", round(acc, 4), seed=seed, seconds=seconds, **NAIVE)
+            acc, seconds, cpu = naive_finetune(data, classes, seed)
+            runs.append((acc, seconds, cpu))
+            benchlib.emit(f"{name}_naive_ft_test_accuracy", round(acc, 4), seed=seed, seconds=seconds, cpu_seconds=cpu,
+                          **NAIVE)
         row["naive_ft"] = _mean_of(runs)
     return row
 
 
 def _mean_of(runs: list[tuple]) -> tuple:
-    return (float(np.mean([r[0] for r in runs])), round(float(np.mean([r[1] for r in runs])), 1))
+    """(mean accuracy, mean wall seconds, mean CPU seconds) of (accuracy, seconds, cpu seconds) runs."""
+    return (float(np.mean([r[0] for r in runs])), *(round(float(np.mean([r[k] for r in runs])), 1) for k in (1, 2)))
 
 
 def main(argv=None) -> int:
@@ -312,7 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=("default", "probe", "naive"))
     parser.add_argument("--keep", default="", help="keep the datasets and runs in this folder")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="candidate changes to the default (TrainConfig fields), echoed in every line")
     args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set)
 
     import datasets
 
@@ -324,7 +332,7 @@ def main(argv=None) -> int:
     table = {}
     try:
         for name in names:
-            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip))
+            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides)
     finally:
         if not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
@@ -332,7 +340,8 @@ def main(argv=None) -> int:
         if "default" in row and "linear_probe" in row and "naive_ft" in row:
             row["default_wins"] = row["default"][0] >= max(row["linear_probe"][0], row["naive_ft"][0])
             row["default_not_slower"] = row["default"][1] <= row["naive_ft"][1]
-    print(json.dumps({"summary": table, "seeds": args.seeds, "load": benchlib.load()}), flush=True)
+            row["default_not_more_cpu"] = row["default"][2] <= row["naive_ft"][2]
+    print(json.dumps({"summary": table, "seeds": args.seeds, "set": overrides, "load": benchlib.load()}), flush=True)
     return 0
 
 

@@ -68,10 +68,12 @@ class TrainConfig:
         "help": "a registry name, timm name, Hub id, model folder or run directory ('' = the task's default)"})
     method: str = field(default="", metadata={"help": "what trains ('' = the task's first method)", "choices": METHODS})
     pretrained: bool = field(default=True, metadata={"help": "start from the base model's pretrained weights"})
-    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default)"})
+    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default; "
+                                                     "recipe lp-ft: from the dataset's size)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
     batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
-    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; recipe "
+                                                         "lp-ft: from the images' resolution, 96 px up to the model's own)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})

@@ -105,8 +105,8 @@ def sample(items, k: int = 64) -> list:
 # Phases (torch)
 
 
-def fit_head(model, head, pixels, labels, image_size: int, forward, *, weight_decay: float = 0.0,
-             iterations: int = 100) -> dict:
+def fit_head(model, head, pixels, labels, image_size: int, forward, *, batch_size: int = 64,
+             weight_decay: float = 0.0, iterations: int = 100) -> dict:
     """The first phase of LP-FT: the new head fitted on the frozen network's features of the training
     images (centre crops, no augmentation), by full-batch L-BFGS on the cross-entropy plus an L2 penalty
     of 1 / (2 N) (a logistic regression with C = 1). Only the head's parameters change.
@@ -117,8 +117,10 @@ def fit_head(model, head, pixels, labels, image_size: int, forward, *, weight_de
         pixels: uint8 N x 3 x S x S training images (S >= image_size: centre-cropped here).
         labels: their model output indices.
         forward: ``forward(model, uint8 batch)``: runs the model on a batch (normalisation included).
+        batch_size: images per feature pass (the run's own: what fits its memory).
     Returns:
-        {"head_train_accuracy", "head_loss", "head_seconds"}.
+        {"head_train_accuracy", "head_loss", "head_seconds"}; {} (the head untouched) where the features
+        are not finite numbers, a network the loop then reports as diverged.
     """
     import time
 
@@ -134,13 +136,15 @@ def fit_head(model, head, pixels, labels, image_size: int, forward, *, weight_de
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(pixels), 64):
-                x = pixels[i:i + 64, :, off:off + image_size, off:off + image_size].to(device)
+            for i in range(0, len(pixels), batch_size):
+                x = pixels[i:i + batch_size, :, off:off + image_size, off:off + image_size].to(device)
                 forward(model, x)
     finally:
         hook.remove()
         model.train(was_training)
     feats, y = torch.cat(captured), labels.to(device)
+    if not torch.isfinite(feats).all():
+        return {}
     weight = head.weight.detach().float().clone().zero_().requires_grad_(True)
     bias = torch.zeros(head.out_features, device=device, requires_grad=True)
     penalty = 1.0 / (2 * len(y)) + weight_decay

@@ -39,6 +39,7 @@ class ClassificationTask:
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
         self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images))
         self.continued = continues_run(cfg.base_model)  # its head is trained already
+        self.batch_size = cfg.batch_size
         self.resolved = {"hflip": "on" if self.hflip else "off"}  # written to config.yaml by the loop
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
                                      hflip=self.hflip, images=images)
@@ -63,7 +64,7 @@ class ClassificationTask:
         if not isinstance(head, torch.nn.Linear):
             return {}  # a head of another shape (a continued run's, a custom one) trains with the rest
         return fit_head(inner, head, self.train_ds.pixels, self.train_ds.labels, self.image_size,
-                        self._logits)
+                        self._logits, batch_size=self.batch_size)
 
     def _logits(self, model, x):
         pre = self.model.preprocess

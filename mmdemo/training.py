@@ -144,8 +144,6 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     scheduler = _scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, scheduler)
     state = _resume(run_dir, acc, optimizer, scheduler)
-    # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
-    phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
 
     writer = MetricsWriter(run_dir / METRICS_FILE, main, on_record)
     if main:  # metrics: a resumed run's headline is its own final evaluation, not its predecessor's
@@ -157,13 +155,14 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
                  device=str(acc.device), precision=acc.mixed_precision, resumed=state["step"] > 0,
                  num_workers=workers,
                  images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
-    if phase:
-        writer.write(type="phase", name="head", step=0, **phase)
+    # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
+    phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
 
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
                  total_steps, state)
-    if phase and loop.keep_best:  # the head phase's model is a candidate too (evaluation 0)
-        loop._evaluate_epoch(epoch=0)
+    if phase:  # the head phase's model is a candidate for the best too (scored in this record, not an eval)
+        scored = loop._note_best(task.report(model, val_loader, acc, 0)[task.main_metric]) if loop.keep_best else {}
+        writer.write(type="phase", name="head", step=0, **phase, **scored)
     outcome = loop.run()
     # The last evaluation is the final one unless a step (or a stop) came after it.
     result = loop.report
@@ -325,11 +324,14 @@ class _Loop:
             flag = bool(self.acc.reduce(torch.tensor(int(flag), device=self.acc.device), "max").item())
         return flag
 
-    def _evaluate_epoch(self, epoch: int | None = None) -> bool:
+    def _evaluate_epoch(self) -> bool:
         self.report = self.task.report(self.model, self.val_loader, self.acc, self.step)
         scores = {k: v for k, v in self.report.items() if isinstance(v, float)}
-        self.writer.write(type="eval", epoch=self.epoch + 1 if epoch is None else epoch, step=self.step, **scores)
-        metric = scores[self.task.main_metric]
+        self.writer.write(type="eval", epoch=self.epoch + 1, step=self.step, **scores)
+        self._note_best(scores[self.task.main_metric])
+        return bool(self.cfg.early_stopping_patience) and self.bad_epochs >= self.cfg.early_stopping_patience
+
+    def _note_best(self, metric: float) -> dict:
         if self.best is None or metric > self.best:
             self.best, self.bad_epochs, self.best_step = metric, 0, self.step
             if self.keep_best and self.acc.is_main_process:
@@ -338,7 +340,7 @@ class _Loop:
                 save_best(self.run_dir, self.acc.unwrap_model(self.model))
         else:
             self.bad_epochs += 1
-        return bool(self.cfg.early_stopping_patience) and self.bad_epochs >= self.cfg.early_stopping_patience
+        return {f"val_{self.task.main_metric}": metric}
 
     def _checkpoint(self) -> None:
         self.last_checkpoint = time.time()

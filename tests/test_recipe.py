@@ -155,8 +155,9 @@ def test_the_best_evaluation_is_the_model_kept(tmp_path):
     # so the last evaluation is worse than the first and the model kept is the head phase's.
     result = train(TrainConfig(data=dataset, output_dir=str(run), base_model="test_resnet", pretrained=False,
                                epochs=2, batch_size=8, image_size=32, learning_rate=0.3, warmup_ratio=0.0))
-    evals = [r for r in _records(run) if r["type"] == "eval"]
-    assert evals[0]["step"] == 0 and evals[0]["accuracy"] == 1.0 > evals[-1]["accuracy"]
+    records = _records(run)
+    phase, evals = next(r for r in records if r["type"] == "phase"), [r for r in records if r["type"] == "eval"]
+    assert phase["val_accuracy"] == 1.0 > evals[-1]["accuracy"] and [r["epoch"] for r in evals] == [1, 2]
     assert (result["accuracy"], result["step"]) == (1.0, 0)
     assert json.loads((run / "eval.json").read_text())["accuracy"] == 1.0
     from safetensors.torch import load_file

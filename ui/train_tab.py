@@ -127,7 +127,7 @@ def build_train_tab(browser_id):
             fields["epochs"] = gr.Number(0, label="Epochs (0 = default)", precision=0)
             fields["learning_rate"] = gr.Number(0, label="Learning rate (0 = default)")
             fields["batch_size"] = gr.Number(0, label="Batch size (0 = default)", precision=0)
-            fields["image_size"] = gr.Number(0, label="Image size (0 = the model's)", precision=0)
+            fields["image_size"] = gr.Number(0, label="Image size (0 = from the data)", precision=0)
         with gr.Accordion("More settings", open=False):
             with gr.Row():
                 fields["weight_decay"] = gr.Number(0.01, label="Weight decay")
@@ -135,6 +135,8 @@ def build_train_tab(browser_id):
                 fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)")
                 fields["early_stopping_patience"] = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
                 fields["seed"] = gr.Number(0, label="Seed", precision=0)
+                fields["hflip"] = gr.Radio(["auto", "on", "off"], value="auto", label="Horizontal flips",
+                                           info="auto: off for glyph-like images (digits, text)")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")
