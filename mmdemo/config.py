@@ -11,7 +11,7 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
-from .recipe import RECIPES, SWITCHES, epochs_for_dataset, resolve_recipe
+from .recipe import LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, resolve_recipe
 from .taskspec import TASK_SPECS
 
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool}
@@ -121,6 +121,8 @@ class TrainConfig:
         set_(self, "recipe", resolve_recipe(self.recipe, self.method) if self.task == "classification" else "plain")
         if not self.epochs and self.recipe == "lp-ft":  # epochs from the dataset's size (mmdemo/recipe.py)
             set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
+        if not self.learning_rate and self.recipe == "lp-ft":
+            set_(self, "learning_rate", LP_FT_LEARNING_RATE)
         for name in ("learning_rate", "epochs", "batch_size"):
             if not getattr(self, name):
                 set_(self, name, defaults[name])
