@@ -74,7 +74,8 @@ class TrainConfig:
     batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
     image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; recipe "
                                                          "lp-ft: from the images' resolution, 96 px up to the model's own)"})
-    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default; recipe "
+                                                               "lp-ft: 3e-4)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})

@@ -50,13 +50,14 @@ def test_epoch_rule_gives_small_datasets_more_passes_within_bounds():
 def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"num_train": 5000}))
     auto = TrainConfig(data=str(tmp_path), output_dir="o")
-    assert (auto.recipe, auto.epochs) == ("lp-ft", recipe.MIN_EPOCHS)
+    assert (auto.recipe, auto.epochs, auto.learning_rate) == ("lp-ft", recipe.MIN_EPOCHS, recipe.LP_FT_LEARNING_RATE)
     (tmp_path / "summary.json").write_text(json.dumps({"num_train": 40}))
     assert TrainConfig(data=str(tmp_path), output_dir="o").epochs == recipe.MAX_EPOCHS
     assert TrainConfig(data=str(tmp_path), output_dir="o", epochs=2).epochs == 2
     plain = TrainConfig(data=str(tmp_path), output_dir="o", recipe="plain")
     head = TrainConfig(data=str(tmp_path), output_dir="o", method="head")
-    assert (plain.recipe, plain.epochs) == ("plain", 4) and (head.recipe, head.epochs) == ("plain", 6)
+    assert (plain.recipe, plain.epochs, plain.learning_rate) == ("plain", 4, 1e-3)
+    assert (head.recipe, head.epochs) == ("plain", 6)
     with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain and hflip one of auto, on, off"):
         TrainConfig(data="d", output_dir="o", hflip="sometimes")
 
