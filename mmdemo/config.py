@@ -11,6 +11,7 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
+from .recipe import LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, resolve_recipe
 from .taskspec import TASK_SPECS
 from .tracking import project_problem
 
@@ -69,11 +70,14 @@ class TrainConfig:
         "help": "a registry name, timm name, Hub id, model folder or run directory ('' = the task's default)"})
     method: str = field(default="", metadata={"help": "what trains ('' = the task's first method)", "choices": METHODS})
     pretrained: bool = field(default=True, metadata={"help": "start from the base model's pretrained weights"})
-    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default)"})
+    epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default; "
+                                                     "recipe lp-ft: from the dataset's size)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
     batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
-    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own)"})
-    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; recipe "
+                                                         "lp-ft: from the images' resolution, 96 px up to the model's own)"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default; recipe "
+                                                               "lp-ft: 1e-3)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})
@@ -100,6 +104,15 @@ class TrainConfig:
         "choices": CONTRASTIVE_LOSSES})
     trackio: str = field(default="", metadata={
         "help": "also log this run's metrics to this trackio project, in trackio's local store ('' = off)"})
+    recipe: str = field(default="auto", metadata={
+        "help": "classification: lp-ft fits the new head on frozen features before everything trains, plain "
+                "trains at once (auto: plain; lp-ft is opt-in); config.yaml records the one used",
+        "choices": RECIPES})
+    hflip: str = field(default="auto", metadata={
+        "help": "random horizontal flips in the augmentation (auto: off for glyph-like images such as digits "
+                "or text, on otherwise)", "choices": SWITCHES})
+    keep_best: bool = field(default=True, metadata={
+        "help": "classification: end with the weights of the best validation evaluation, not the last"})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -113,6 +126,11 @@ class TrainConfig:
         defaults = TASK_SPECS[self.task].method_defaults[self.method]
         if not self.base_model:
             set_(self, "base_model", DEFAULT_MODELS[self.task])
+        set_(self, "recipe", resolve_recipe(self.recipe, self.method) if self.task == "classification" else "plain")
+        if not self.epochs and self.recipe == "lp-ft":  # epochs from the dataset's size (mmdemo/recipe.py)
+            set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
+        if not self.learning_rate and self.recipe == "lp-ft":
+            set_(self, "learning_rate", LP_FT_LEARNING_RATE)
         for name in ("learning_rate", "epochs", "batch_size"):
             if not getattr(self, name):
                 set_(self, name, defaults[name])
@@ -155,6 +173,9 @@ class TrainConfig:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
         if self.contrastive_loss not in CONTRASTIVE_LOSSES:
             p.append(f"contrastive_loss must be auto, infonce or sigmoid (got {self.contrastive_loss!r})")
+        if self.recipe not in RECIPES or self.hflip not in SWITCHES:
+            p.append(f"recipe must be one of {', '.join(RECIPES)} and hflip one of {', '.join(SWITCHES)} "
+                     f"(got {self.recipe!r}, {self.hflip!r})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         if project_problem(self.trackio):

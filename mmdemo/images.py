@@ -74,18 +74,19 @@ def decode_unique(split, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 class ImageTensors(torch.utils.data.Dataset):
     """A dataset split decoded once into one uint8 tensor; training never decodes files again."""
 
-    def __init__(self, split, image_size: int, label_map: list[int], train: bool, labels: bool = True):
+    def __init__(self, split, image_size: int, label_map: list[int], train: bool, labels: bool = True,
+                 hflip: bool = True, images=None):
         from torchvision.transforms import v2
 
         self.train = train
         side = round(image_size * TRAIN_MARGIN) if train else image_size
-        images = [resize_center_crop(img, side) for img in split["image"]]
+        images = [resize_center_crop(img, side) for img in (split["image"] if images is None else images)]
         self.pixels = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
         self.labels = torch.tensor([label_map[y] for y in split["label"]] if labels else [0] * len(images),
                                    dtype=torch.long)
         self.row_ids = list(range(len(self.labels)))
-        self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
-                                   v2.RandomHorizontalFlip()])
+        self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)]
+                                  + ([v2.RandomHorizontalFlip()] if hflip else []))
 
     def __len__(self):
         return len(self.labels)

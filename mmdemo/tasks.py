@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
+from .recipe import fit_head, image_side, sample, use_hflip
 from .taskspec import task_spec
 
 
@@ -30,10 +31,18 @@ class ClassificationTask:
         self.classes = splits["train"].features["label"].names
         self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
-        self.image_size = cfg.image_size or self.model.preprocess.image_size
+        images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
+        native = self.model.preprocess.image_size
+        self.image_size = cfg.image_size or (image_side([im.size for im in images], native)
+                                             if cfg.recipe == "lp-ft" else native)
         self.model.preprocess.image_size = self.image_size
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
-        self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment)
+        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images))
+        self.continued = continues_run(cfg.base_model)  # its head is trained already
+        self.batch_size = cfg.batch_size
+        self.resolved = {"hflip": "on" if self.hflip else "off"}  # written to config.yaml by the loop
+        self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
+                                     hflip=self.hflip, images=images)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.collate = None
         self.channels_last = self.model.channels_last_input
@@ -42,6 +51,20 @@ class ClassificationTask:
         # "head": the backbone is a fixed feature extractor. "lora": the adapter must reproduce the model
         # on top of the original base, so BatchNorm statistics (not part of the adapter) stay frozen.
         model.train(self.method not in ("head", "lora"))
+
+    def before_training(self, model) -> dict:
+        """LP-FT's first phase where the recipe has it: the new head fitted on frozen features."""
+        if self.recipe != "lp-ft" or self.continued:
+            return {}
+        inner = model.module if hasattr(model, "module") else model
+        try:
+            head = inner.net.get_submodule(inner.head_name)
+        except AttributeError:  # wrapped by an adapter
+            head = None
+        if not isinstance(head, torch.nn.Linear):
+            return {}  # a head of another shape (a continued run's, a custom one) trains with the rest
+        return fit_head(inner, head, self.train_ds.pixels, self.train_ds.labels, self.image_size,
+                        self._logits, batch_size=self.batch_size)
 
     def _logits(self, model, x):
         pre = self.model.preprocess
@@ -67,6 +90,15 @@ class ClassificationTask:
         if hasattr(model.net, "peft_config"):
             model.net.save_pretrained(model_dir / "adapter")
         plot_confusion(result, run_dir / "confusion_matrix.png")
+
+
+def continues_run(base_model: str) -> bool:
+    """Whether ``base_model`` names a previous run (or its model folder) rather than a new backbone."""
+    from .refs import local_dir
+    from .runs import META_FILE
+
+    path = local_dir(base_model) if base_model else None
+    return path is not None and ((path / META_FILE).is_file() or (path / "model" / META_FILE).is_file())
 
 
 def gather_predictions(batches, acc):

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)
     task = make_task(cfg, load_splits(cfg.data))
-    cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size))
+    cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size),
+                  **getattr(task, "resolved", {}))
     if main:
         _save_config(cfg, run_dir / CONFIG_FILE)
 
@@ -156,14 +157,25 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
                  device=str(acc.device), precision=acc.mixed_precision, resumed=state["step"] > 0,
                  num_workers=workers,
                  images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
+    # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
+    phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
 
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
                  total_steps, state)
+    if phase:  # the head phase's model is a candidate for the best too (scored in this record, not an eval)
+        scored = loop._note_best(task.report(model, val_loader, acc, 0)[task.main_metric]) if loop.keep_best else {}
+        writer.write(type="phase", name="head", step=0, **phase, **scored)
     outcome = loop.run()
     # The last evaluation is the final one unless a step (or a stop) came after it.
     result = loop.report
     if not result or result["step"] != loop.step:
         result = task.report(model, val_loader, acc, loop.step)
+    if outcome == "completed" and loop.keep_best and loop.best is not None and result[task.main_metric] < loop.best:
+        from .recipe import load_best
+
+        acc.wait_for_everyone()
+        if load_best(run_dir, acc.unwrap_model(model), acc.device):  # the best evaluation's weights
+            result = task.report(model, val_loader, acc, loop.best_step)
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / EVAL_FILE, result)
@@ -214,6 +226,9 @@ class _Loop:
         self.log_every = log_interval(cfg)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
+        self.best_step = state.get("best_step", 0)
+        # Classification evaluates every epoch and may end on the best one's weights (recipe.save_best).
+        self.keep_best = cfg.keep_best and task.main_metric == "accuracy"
         self.samples_per_rank = [0] * acc.num_processes
         self.samples = 0
         self.report = None  # the latest evaluation's full report
@@ -316,18 +331,25 @@ class _Loop:
         self.report = self.task.report(self.model, self.val_loader, self.acc, self.step)
         scores = {k: v for k, v in self.report.items() if isinstance(v, float)}
         self.writer.write(type="eval", epoch=self.epoch + 1, step=self.step, **scores)
-        metric = scores[self.task.main_metric]
+        self._note_best(scores[self.task.main_metric])
+        return bool(self.cfg.early_stopping_patience) and self.bad_epochs >= self.cfg.early_stopping_patience
+
+    def _note_best(self, metric: float) -> dict:
         if self.best is None or metric > self.best:
-            self.best, self.bad_epochs = metric, 0
+            self.best, self.bad_epochs, self.best_step = metric, 0, self.step
+            if self.keep_best and self.acc.is_main_process:
+                from .recipe import save_best
+
+                save_best(self.run_dir, self.acc.unwrap_model(self.model))
         else:
             self.bad_epochs += 1
-        return bool(self.cfg.early_stopping_patience) and self.bad_epochs >= self.cfg.early_stopping_patience
+        return {f"val_{self.task.main_metric}": metric}
 
     def _checkpoint(self) -> None:
         self.last_checkpoint = time.time()
         save_checkpoint(self.run_dir, self.acc, self.optimizer, self.scheduler,
                         {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                         "best": self.best, "bad_epochs": self.bad_epochs})
+                         "best": self.best, "bad_epochs": self.bad_epochs, "best_step": self.best_step})
 
 
 def _batch_size(batch) -> int:

@@ -129,7 +129,7 @@ def build_train_tab(browser_id):
             fields["epochs"] = gr.Number(0, label="Epochs (0 = default)", precision=0)
             fields["learning_rate"] = gr.Number(0, label="Learning rate (0 = default)")
             fields["batch_size"] = gr.Number(0, label="Batch size (0 = default)", precision=0)
-            fields["image_size"] = gr.Number(0, label="Image size (0 = the model's)", precision=0)
+            fields["image_size"] = gr.Number(0, label="Image size (0 = from the data)", precision=0)
         with gr.Accordion("More settings", open=False):
             with gr.Row():
                 fields["weight_decay"] = gr.Number(0.01, label="Weight decay")
@@ -139,6 +139,8 @@ def build_train_tab(browser_id):
                 fields["seed"] = gr.Number(0, label="Seed", precision=0)
                 fields["trackio"] = gr.Textbox("", label="trackio project (empty = off)",
                                                info="also log the run's metrics to trackio's local store")
+                fields["hflip"] = gr.Radio(["auto", "on", "off"], value="auto", label="Horizontal flips",
+                                           info="auto: off for glyph-like images (digits, text)")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")

@@ -1,0 +1,171 @@
+"""The default classification recipe (mmdemo/recipe.py): its rules, and the phases it adds to the loop."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from mmdemo import recipe
+from mmdemo.config import TrainConfig
+from mmdemo.data import ingest_dataset
+from mmdemo.errors import UserInputError
+from mmdemo.training import train
+
+
+def glyph(ch: str, seed: int, side: int = 32) -> Image.Image:
+    """A light symbol on a dark ground, like an 8x8 digit scaled up (or dark ink on paper)."""
+    rng = np.random.default_rng(seed)
+    ink, paper = (255, 0) if seed % 2 else (0, 255)
+    img = Image.new("L", (side, side), paper)
+    d = ImageDraw.Draw(img)
+    o = int(rng.integers(-3, 4))
+    if ch == "7":
+        d.line([(6 + o, 6), (26 + o, 6), (12 + o, 28)], fill=ink, width=4)
+    else:
+        d.line([(26 + o, 6), (6 + o, 6), (20 + o, 28)], fill=ink, width=4)  # the mirror image
+    return img.convert("RGB")
+
+
+def photo_crop(seed: int, side: int = 48) -> Image.Image:
+    from skimage import data
+
+    photo = (data.chelsea(), data.coffee(), data.astronaut())[seed % 3]
+    rng = np.random.default_rng(seed)
+    top, left = int(rng.integers(0, photo.shape[0] - 120)), int(rng.integers(0, photo.shape[1] - 120))
+    return Image.fromarray(photo[top:top + 120, left:left + 120]).resize((side, side))
+
+
+def test_epoch_rule_gives_small_datasets_more_passes_within_bounds():
+    epochs = [recipe.classification_epochs(n, 16) for n in (16, 100, 300, 800, 5000, 100_000)]
+    assert epochs == sorted(epochs, reverse=True)  # more images, fewer passes
+    assert epochs[0] == recipe.MAX_EPOCHS and epochs[-1] == recipe.MIN_EPOCHS
+    assert recipe.classification_epochs(800, 16) * 50 >= recipe.TARGET_STEPS  # 50 steps per epoch
+    assert recipe.classification_epochs(300, 16) == 6 and recipe.classification_epochs(1600, 16) == 3
+
+
+def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"num_train": 5000}))
+    auto = TrainConfig(data=str(tmp_path), output_dir="o", recipe="lp-ft")
+    assert (auto.recipe, auto.epochs, auto.learning_rate) == ("lp-ft", recipe.MIN_EPOCHS, recipe.LP_FT_LEARNING_RATE)
+    (tmp_path / "summary.json").write_text(json.dumps({"num_train": 40}))
+    assert TrainConfig(data=str(tmp_path), output_dir="o", recipe="lp-ft").epochs == recipe.MAX_EPOCHS
+    assert TrainConfig(data=str(tmp_path), output_dir="o", recipe="lp-ft", epochs=2).epochs == 2
+    assert TrainConfig(data=str(tmp_path), output_dir="o").recipe == "plain"  # auto: LP-FT is opt-in
+    plain = TrainConfig(data=str(tmp_path), output_dir="o", recipe="plain")
+    head = TrainConfig(data=str(tmp_path), output_dir="o", method="head")
+    assert (plain.recipe, plain.epochs, plain.learning_rate) == ("plain", 4, 1e-3)
+    assert (head.recipe, head.epochs) == ("plain", 6)
+    with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain and hflip one of auto, on, off"):
+        TrainConfig(data="d", output_dir="o", hflip="sometimes")
+
+
+def test_image_side_follows_the_data_between_the_floor_and_the_models_own():
+    assert recipe.image_side([(8, 8)] * 5, 160) == recipe.MIN_SIDE  # tiny glyphs: upscaled to the floor
+    assert recipe.image_side([(100, 130), (120, 90), (500, 400)], 160) == 128  # median short side 100
+    assert recipe.image_side([(640, 480)] * 3, 160) == 160  # large photos: the model's own side
+    assert recipe.image_side([(640, 480)], 64) == 64 and recipe.image_side([], 160) == 160
+
+
+def test_no_flip_for_glyphs_flip_for_photos_and_the_user_decides():
+    glyphs = [glyph(c, i) for i in range(12) for c in "7r"]
+    photos = [photo_crop(i) for i in range(9)]
+    grey_photos = [p.convert("L").convert("RGB") for p in photos]
+    assert recipe.glyph_like(glyphs)
+    assert not recipe.glyph_like(photos) and not recipe.glyph_like(grey_photos)
+    assert recipe.use_hflip("auto", glyphs) is False and recipe.use_hflip("auto", photos) is True
+    assert recipe.use_hflip("on", glyphs) is True and recipe.use_hflip("off", photos) is False
+
+
+def _conv_net():
+    import timm
+
+    return timm.create_model("test_resnet", pretrained=False, num_classes=2)
+
+
+def test_head_fit_changes_only_the_head_and_separates_the_classes():
+    torch.manual_seed(0)
+    net = _conv_net()
+    head = net.get_classifier()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    # Two classes a random network tells apart: bright and dark images.
+    pixels = torch.cat([torch.randint(150, 256, (16, 3, 40, 40)), torch.randint(0, 100, (16, 3, 40, 40))]).to(torch.uint8)
+    labels = torch.tensor([0] * 16 + [1] * 16)
+    net.train()
+    info = recipe.fit_head(net, head, pixels, labels, 32, lambda m, x: m(x.float() / 127.5 - 1))
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # BatchNorm statistics included: the feature pass ran in eval mode
+    assert net.training  # the mode is given back
+    assert info["head_train_accuracy"] == 1.0
+
+
+def make_digits_like(root: Path, per_class: int = 10) -> Path:
+    for c in "7r":
+        for split, n in (("train", per_class), ("validation", 4)):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                glyph(c, hash((c, split, i)) % 10_000).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def glyph_dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("glyphs")
+    return ingest_dataset(make_digits_like(root / "raw"), root / "ws").path
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lp_ft_fits_the_head_before_the_first_step_and_records_what_it_resolved(glyph_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(data=glyph_dataset, output_dir=str(run), base_model="test_resnet", pretrained=False,
+                      epochs=2, batch_size=8, image_size=0, recipe="lp-ft"))
+    kinds = [r["type"] for r in _records(run)]
+    assert kinds[:3] == ["start", "phase", "train"]  # the head phase comes first, then everything trains
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    # 32 px glyphs are upscaled to the 96 px floor (test_resnet's own side is 160); glyphs get no flip.
+    assert (cfg["recipe"], cfg["hflip"], cfg["image_size"]) == ("lp-ft", "off", recipe.MIN_SIDE)
+    # A plain run has no head phase, and keeps the flip the user asked for.
+    plain = tmp_path / "plain"
+    train(TrainConfig(data=glyph_dataset, output_dir=str(plain), base_model="test_resnet", pretrained=False,
+                      epochs=1, batch_size=8, image_size=32, recipe="plain", hflip="on"))
+    assert "phase" not in [r["type"] for r in _records(plain)]
+    assert yaml.safe_load((plain / "config.yaml").read_text())["hflip"] == "on"
+
+
+def make_bright_dark(root: Path) -> Path:
+    """Two classes any network tells apart: bright and dark images."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("validation", 6)):
+        for c, (lo, hi) in (("bright", (150, 256)), ("dark", (0, 100))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(lo, hi, (32, 32, 3)).astype(np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_the_best_evaluation_is_the_model_kept(tmp_path):
+    dataset = ingest_dataset(make_bright_dark(tmp_path / "raw"), tmp_path / "ws").path
+    run = tmp_path / "run"
+    # The head phase separates the classes (evaluation 0); a far too large step then wrecks the network,
+    # so the last evaluation is worse than the first and the model kept is the head phase's.
+    result = train(TrainConfig(data=dataset, output_dir=str(run), base_model="test_resnet", pretrained=False,
+                               epochs=2, batch_size=8, image_size=32, learning_rate=0.3, warmup_ratio=0.0,
+                               recipe="lp-ft"))
+    records = _records(run)
+    phase, evals = next(r for r in records if r["type"] == "phase"), [r for r in records if r["type"] == "eval"]
+    assert phase["val_accuracy"] == 1.0 > evals[-1]["accuracy"] and [r["epoch"] for r in evals] == [1, 2]
+    assert (result["accuracy"], result["step"]) == (1.0, 0)
+    assert json.loads((run / "eval.json").read_text())["accuracy"] == 1.0
+    from safetensors.torch import load_file
+
+    from mmdemo.models import load_classifier
+
+    kept, saved = load_file(run / recipe.BEST_FILE), load_classifier(run / "model").net.state_dict()
+    assert sum(torch.equal(kept[f"net.{k}"], v) for k, v in saved.items() if f"net.{k}" in kept) == len(saved)
