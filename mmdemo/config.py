@@ -24,6 +24,8 @@ METHODS = tuple(dict.fromkeys(m for spec in TASK_SPECS.values() for m in spec.me
 BASE_MODELS = {name: spec.base_models for name, spec in TASK_SPECS.items()}
 DEFAULT_MODELS = {name: spec.default_model for name, spec in TASK_SPECS.items()}
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+# What a run continued from a previous classification run does to keep its knowledge (mmdemo/continual.py).
+KEEP_OLD = ("both", "replay", "distill", "off")
 TEXT_TARGET_STEPS = 400
 # Past this the loss of any recipe here diverges within a few steps.
 MAX_LEARNING_RATE = 1.0
@@ -93,6 +95,9 @@ class TrainConfig:
                 "so a killed run loses little when resumed"})
     checkpoint_every_steps: int = field(default=0, metadata={
         "help": "also save a checkpoint every this many optimizer steps (0 = off)"})
+    keep_old: str = field(default=KEEP_OLD[0], metadata={
+        "help": "continuing a previous classification run: keep its classes by replaying its memory of training "
+                "images, distilling its outputs, both, or off", "choices": KEEP_OLD})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -146,6 +151,8 @@ class TrainConfig:
             p.append(f"log_every must be 0 (automatic) or more (got {self.log_every})")
         if self.gradient_accumulation_steps < 1 or self.lora_r < 1:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
+        if self.keep_old not in KEEP_OLD:
+            p.append(f"keep_old must be one of {', '.join(KEEP_OLD)} (got {self.keep_old!r})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         return p
