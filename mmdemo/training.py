@@ -18,6 +18,7 @@ import yaml
 
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
+from .memory import peak_memory_mb
 from .models import count_parameters
 from .procs import process_start_time
 from .progress import dumps
@@ -165,7 +166,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / EVAL_FILE, result)
-        writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank)
+        writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank,
+                     peak_memory_mb=peak_memory_mb())
         message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
         headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match") if k in result}
         write_status(run_dir, outcome, message=message, finished=time.time(), metrics=headline)

@@ -8,8 +8,10 @@ from pathlib import Path
 import gradio as gr
 
 from mmdemo import api, runs
+from mmdemo.config import KEEP_OLD
 from mmdemo.errors import UserInputError
 
+from .bakeoff import build_bakeoff_section
 from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
 
 
@@ -135,6 +137,10 @@ def build_train_tab(browser_id):
                 fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)")
                 fields["early_stopping_patience"] = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
                 fields["seed"] = gr.Number(0, label="Seed", precision=0)
+            with gr.Row():
+                fields["keep_old"] = gr.Radio(list(KEEP_OLD), value=KEEP_OLD[0], label="Keep what it knew",
+                                              info="when the base model is a previous run: replay its memory of "
+                                                   "training images, distill its outputs, both, or off")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")
@@ -154,6 +160,7 @@ def build_train_tab(browser_id):
         # contain: a small image shown whole (cover crops a 64 px shape to its background)
         mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
+        build_bakeoff_section(browser_id, dataset, fields)
         build_push_section(browser_id, run)
     return dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 
