@@ -44,7 +44,12 @@ def main() -> None:
     ap.add_argument("--modes", default="off,replay,distill,both")
     ap.add_argument("--image-size", type=int, default=96, help="0 = the model's own (160 px; slow on 2 cores)")
     ap.add_argument("--keep", default="", help="keep the work folder here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; 1 on a crowded machine)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from mmdemo.config import TrainConfig
     from mmdemo.data import ingest_dataset
