@@ -226,11 +226,10 @@ def _read_yaml(path: Path) -> dict:
 
 
 def setup(task, cfg, splits) -> Continual | None:
-    """The continual part of a classification run, when its base model is a saved classifier and keep_old is on."""
+    """The continual part of a classification run whose base model is a saved classifier (with keep_old off,
+    only its forgetting table)."""
     previous = previous_model(cfg.base_model)
-    if previous is None or cfg.keep_old == "off":
-        return None
-    return Continual(task, cfg, previous)
+    return Continual(task, cfg, previous) if previous is not None else None
 
 
 def memory_info(run_dir: Path) -> dict:
