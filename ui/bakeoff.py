@@ -22,6 +22,16 @@ def on_count(browser_id, dataset_id, base_model, method):
     return api.method_plan(browser_workspace(browser_id), dataset_id, base_model or "", method or "")["text"]
 
 
+def on_method_change(browser_id, dataset_id, base_model, method):
+    """The count for the new choice, shown in place (a choice that cannot be built says why there, no pop-up)."""
+    if not browser_id or not dataset_id or not method:
+        return ""
+    try:
+        return api.method_plan(browser_workspace(browser_id), dataset_id, base_model or "", method)["text"]
+    except UserInputError as e:
+        return f"⚠️ {e}"
+
+
 @user_errors
 def on_start_bakeoff(browser_id, dataset_id, base_model, steps, image_size):
     if not dataset_id:
@@ -57,6 +67,8 @@ def build_bakeoff_section(browser_id, dataset, fields):
         count = gr.Button("Count trainable parameters", size="sm", scale=0)
         plan = gr.Markdown(elem_id="method-plan")
     count.click(on_count, [browser_id, dataset, fields["base_model"], fields["method"]], plan, api_visibility="private")
+    fields["method"].change(on_method_change, [browser_id, dataset, fields["base_model"], fields["method"]], plan,
+                            api_visibility="private", show_progress="hidden")
     with gr.Accordion("PEFT bake-off: every method, one budget", open=False):
         gr.Markdown("Trains every method that applies to the base model on this dataset, each for the same number "
                     "of steps (batch 16, the image size above, its own learning rate), one after the other, and compares them. The pick "
