@@ -46,17 +46,17 @@ def save_memory(run_dir: Path, split, class_names: list[str], previous: Path | N
     of the previous memory's (its classes kept). Returns the number of images kept."""
     import datasets
 
-    def encoded(ds):
-        return ds.cast_column("image", datasets.Image(decode=False))["image"]
+    def encoded(ds, rows):  # only the rows kept are read: a large split's images never all load
+        return list(ds.select(rows).cast_column("image", datasets.Image(decode=False))["image"]) if rows else []
 
-    images = list(encoded(split))
     labels = [class_names[y] for y in split["label"]]
     old = load_memory(previous) if previous else None
-    if old is not None:
-        images, labels = images + list(encoded(old)), labels + list(old["label"])
-    keep = select_memory(labels, per_class, seed)
+    old_labels = list(old["label"]) if old is not None else []
+    keep = select_memory(labels + old_labels, per_class, seed)
+    n = len(labels)
+    images = encoded(split, [i for i in keep if i < n]) + encoded(old, [i - n for i in keep if i >= n])
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
-    memory = datasets.Dataset.from_dict({"image": [images[i] for i in keep], "label": [labels[i] for i in keep]},
+    memory = datasets.Dataset.from_dict({"image": images, "label": [(labels + old_labels)[i] for i in keep]},
                                         features=features)
     memory.save_to_disk(str(Path(run_dir) / MEMORY_DIR))
     return len(keep)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from mmdemo.config import TrainConfig
-from mmdemo.continual import forgetting_table, load_memory, replay_repeats, select_memory
+from mmdemo.continual import forgetting_table, load_memory, replay_repeats, save_memory, select_memory
 from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.images import ImageTensors, normalize
 from mmdemo.models import load_classifier
@@ -75,3 +75,8 @@ def test_continued_run_replays_a_balanced_memory_and_reports_forgetting(tmp_path
     assert rows["old", "all"]["after"] == round(accuracy_by_hand(run_b / "model", old_val, names), 4)
     assert rows["new", "all"]["after"] == round(accuracy_by_hand(run_b / "model", new_val, new_val.features["label"].names), 4)
     assert rows["old", "all"]["support"] == len(old_val)
+    # The bound holds over the split and the previous memory together, class by class.
+    train_split = load_splits(first)["train"]
+    assert save_memory(tmp_path / "m", train_split, train_split.features["label"].names, run_b, per_class=3) == 12
+    labels = list(load_memory(tmp_path / "m")["label"])
+    assert {c: labels.count(c) for c in set(labels)} == {"circle": 3, "square": 3, "triangle": 3, "wedge": 3}
