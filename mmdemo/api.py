@@ -220,3 +220,33 @@ def zero_shot(workspace: Path, image, labels, checkpoint: str = "", template: st
     if image is None:
         raise UserInputError("No image given: give an image to classify.")
     return zero_shot_batch([image], labels, resolve_checkpoint(workspace, checkpoint) or "", template)[0]
+
+
+def method_plan(workspace: Path, dataset_id: str, base_model: str = "", method: str = "") -> dict:
+    """What a method trains on a base model for this dataset, before launch: trainable / total parameters
+    and the layers it adapts (see mmdemo.bakeoff.method_plan)."""
+    from .bakeoff import method_plan as plan
+    from .data import find_dataset, load_summary
+
+    summary = load_summary(find_dataset(workspace, dataset_id))
+    cfg = jobs.new_run_config(workspace, find_dataset(workspace, dataset_id), task=summary.task, base_model=base_model)
+    return plan(summary.task, cfg.base_model, list(summary.classes or []), method)
+
+
+def start_bakeoff(workspace: Path, dataset_id: str, base_model: str = "", steps: int = 0, image_size: int = 0, *,
+                  manager: jobs.JobManager | None = None) -> dict:
+    """Queues one run per applicable method with the same step budget; returns {bakeoff_id, methods,
+    skipped, steps}."""
+    from .bakeoff import start_bakeoff as start_all
+    from .checks import as_int
+    from .data import find_dataset
+
+    return start_all(workspace, find_dataset(workspace, dataset_id), manager or job_manager(), base_model or "",
+                     as_int("steps", steps or 0), as_int("image_size", image_size or 0))
+
+
+def bakeoff_status(workspace: Path, bakeoff_id: str, *, manager: jobs.JobManager | None = None) -> dict:
+    """The bake-off table so far: {rows, done, pick, steps, base_model}."""
+    from .bakeoff import bakeoff_table
+
+    return bakeoff_table(workspace, bakeoff_id, manager or job_manager())

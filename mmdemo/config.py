@@ -27,6 +27,8 @@ BASE_MODELS = {name: spec.base_models for name, spec in TASK_SPECS.items()}
 DEFAULT_MODELS = {name: spec.default_model for name, spec in TASK_SPECS.items()}
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 CONTRASTIVE_LOSSES = ("auto", "infonce", "sigmoid")
+# What a run continued from a previous classification run does to keep its knowledge (mmdemo/continual.py).
+KEEP_OLD = ("both", "replay", "distill", "off")
 TEXT_TARGET_STEPS = 400
 # Past this the loss of any recipe here diverges within a few steps.
 MAX_LEARNING_RATE = 1.0
@@ -113,6 +115,9 @@ class TrainConfig:
                 "or text, on otherwise)", "choices": SWITCHES})
     keep_best: bool = field(default=True, metadata={
         "help": "classification: end with the weights of the best validation evaluation, not the last"})
+    keep_old: str = field(default=KEEP_OLD[0], metadata={
+        "help": "continuing a previous classification run: keep its classes by replaying its memory of training "
+                "images, distilling its outputs, both, or off", "choices": KEEP_OLD})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -176,6 +181,8 @@ class TrainConfig:
         if self.recipe not in RECIPES or self.hflip not in SWITCHES:
             p.append(f"recipe must be one of {', '.join(RECIPES)} and hflip one of {', '.join(SWITCHES)} "
                      f"(got {self.recipe!r}, {self.hflip!r})")
+        if self.keep_old not in KEEP_OLD:
+            p.append(f"keep_old must be one of {', '.join(KEEP_OLD)} (got {self.keep_old!r})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         if project_problem(self.trackio):

@@ -32,7 +32,8 @@ KNOWN_PARAMS = {"efficientnet_lite0": 3.4e6, "resnet18": 11.2e6, "google/vit-bas
                 "microsoft/git-base": 177e6, "Salesforce/blip-vqa-base": 385e6,
                 "HuggingFaceTB/SmolVLM-256M-Instruct": 256e6}
 VISION_SHARE = {"efficientnet_lite0+minilm": 0.11}  # the frozen encoder's share of the parameters
-TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01}
+TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01, "dora": 0.05, "ia3": 0.01, "loha": 0.1,
+                   "lokr": 0.01, "oft": 0.02, "adapter": 0.02, "vpt": 0.002}
 DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite0+minilm": 128}
 WARN_SHARE = 0.7  # warn above this share of the memory available, refuse above all of it
 
@@ -135,3 +136,14 @@ def _what_fits(cfg, num_images: int, budget: float, lead: str = "Try") -> str:
 
 def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far: the GPU's peak allocation where one is used, else the peak RSS."""
+    import resource
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / MB, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux

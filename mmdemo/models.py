@@ -25,6 +25,8 @@ from torch import nn
 
 from .errors import UserInputError
 from .families import get_family, register_family, resolve_family
+from .peft_methods import METHODS as PEFT_METHODS
+from .peft_methods import apply_peft_method, load_added, recipe_of, save_added, strip_added
 from .refs import local_dir
 from .runs import META_FILE
 
@@ -440,19 +442,23 @@ def _extend_head(clf: Classifier, n: int) -> None:
 
 def apply_method(clf: Classifier, method: str, lora_r: int = 8, lora_alpha: int = 16) -> Classifier:
     """Sets what trains: ``full`` everything, ``head`` the new head, ``bitfit`` biases + head,
-    ``lora`` low-rank adapters on the linear / 1x1-conv layers + the head (peft)."""
+    ``lora`` low-rank adapters on the linear / 1x1-conv layers + the head (peft); the methods of
+    ``mmdemo.peft_methods`` (dora, ia3, loha, lokr, oft, adapter, vpt) + the head."""
     if method == "full":
         clf.requires_grad_(True)
         return clf
     clf.requires_grad_(False)
     if method == "lora":
         _apply_lora(clf, lora_r, lora_alpha)
+    elif method in PEFT_METHODS:
+        apply_peft_method(clf, method, lora_r, lora_alpha, clf.family_spec.lora_targets(clf.net, clf.head_name))
+        return clf
     elif method == "bitfit":
         for name, p in clf.net.named_parameters():
             if name.endswith("bias"):
                 p.requires_grad_(True)
     elif method != "head":
-        raise UserInputError(f"Unknown method '{method}'; use full, head, lora or bitfit.")
+        raise UserInputError(f"Unknown method '{method}'; use full, head, lora, bitfit, {', '.join(PEFT_METHODS)}.")
     if method != "lora":
         clf.net.get_submodule(clf.head_name).requires_grad_(True)
     return clf
@@ -500,12 +506,16 @@ def save_classifier(clf: Classifier, model_dir, task: str = "classification") ->
         import copy
 
         net = copy.deepcopy(net).merge_and_unload()
+    recipe = recipe_of(net)  # adapters / prompts cannot merge: the base network is saved, they go to adapter/
+    net, added = strip_added(net)
     net = net.float()
     pre = clf.preprocess
     clf.family_spec.save(net, clf, model_dir)
     meta = {"task": task, "family": clf.family, "base_model": clf.base_model, "head_name": clf.head_name,
             "id2label": {str(i): label for i, label in enumerate(clf.labels)},
             "label2id": {label: i for i, label in enumerate(clf.labels)}, "preprocess": asdict(pre)}
+    if recipe:
+        meta["added_modules"] = save_added(*recipe, added, model_dir / "adapter")
     (model_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -529,6 +539,8 @@ def load_classifier(model_dir) -> Classifier:
     labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
     net = get_family(meta["family"]).load(model_dir)
+    if meta.get("added_modules"):
+        load_added(net, meta["added_modules"], model_dir)
     return Classifier(net, meta["family"], labels, meta["head_name"], pre, meta["base_model"])
 
 

@@ -160,8 +160,17 @@ def report_rows(result: dict) -> list[dict]:
     if result.get("task", "classification") == "classification":
         return ([{"class": "all", "precision": None, "recall": None, "f1": None, "support": result["num_val"],
                   "accuracy": result["accuracy"]}]
-                + [{"class": c, **m, "accuracy": None} for c, m in result["per_class"].items()])
+                + [{"class": c, **m, "accuracy": None} for c, m in result["per_class"].items()]
+                + forgetting_rows(result))
     return [{"metric": k, "value": result[k]} for k in REPORT_TEXT_METRICS if k in result]
+
+
+def forgetting_rows(result: dict) -> list[dict]:
+    """A continued run's forgetting table as report rows: old classes on the previous run's validation split
+    (accuracy before -> after), new classes on this run's."""
+    where = {"old": "old class, previous run's validation", "new": "new class"}
+    return [{"class": f"{r['class']} ({where[r['group']]})", "support": r["support"], "accuracy": r["after"],
+             "accuracy before": r["before"]} for r in result.get("forgetting") or []]
 
 
 def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
 from .recipe import fit_head, image_side, sample, use_hflip
+from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
 
@@ -46,11 +48,14 @@ class ClassificationTask:
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.collate = None
         self.channels_last = self.model.channels_last_input
+        # A continued run keeps what its base knew (rehearsal memory / distillation), by cfg.keep_old.
+        self.continual = continual.setup(self, cfg, splits)
+        self.train_split, self.val_split, self.base_model = splits["train"], splits["validation"], cfg.base_model
 
     def train_mode(self, model) -> None:
         # "head": the backbone is a fixed feature extractor. "lora": the adapter must reproduce the model
         # on top of the original base, so BatchNorm statistics (not part of the adapter) stay frozen.
-        model.train(self.method not in ("head", "lora"))
+        model.train(self.method not in ("head", "lora", *PEFT_METHODS))
 
     def before_training(self, model) -> dict:
         """LP-FT's first phase where the recipe has it: the new head fitted on frozen features."""
@@ -72,7 +77,11 @@ class ClassificationTask:
 
     def loss(self, model, batch):
         x, y = batch
-        return F.cross_entropy(self._logits(model, x), y, label_smoothing=self.label_smoothing)
+        logits = self._logits(model, x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.continual and self.continual.distills:
+            loss = loss + self.continual.distill_loss(logits, x, self.channels_last)
+        return loss
 
     @torch.no_grad()
     def predict(self, model, loader, acc):
@@ -89,6 +98,10 @@ class ClassificationTask:
         save_classifier(model, model_dir, task="classification")
         if hasattr(model.net, "peft_config"):
             model.net.save_pretrained(model_dir / "adapter")
+        if self.continual:  # eval.json gets the forgetting table (result is written after this call)
+            result.update(self.continual.report(model, self.image_size, self.val_split))
+        previous = continual.previous_model(self.base_model)
+        continual.save_memory(run_dir, self.train_split, self.classes, previous[1] if previous else None)
         plot_confusion(result, run_dir / "confusion_matrix.png")
 
 

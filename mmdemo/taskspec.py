@@ -90,12 +90,18 @@ _TEXT = dict(methods=("frozen_vision", "full", "lora"), method_defaults=_TEXT_ME
              ingest="mmdemo.data.text:ingest_text", training="mmdemo.tasks:TextTask",
              predictor="mmdemo.vlm:load_text_predictor")
 
+# The methods of mmdemo/peft_methods.py (its module docstring says what each adapts). IA3 and prompts start
+# from scales of one and few parameters: a larger step size; the low-rank and adapter updates take LoRA's.
+PEFT_METHOD_DEFAULTS = {m: {"learning_rate": lr, "epochs": 5, "batch_size": 16} for m, lr in (
+    ("dora", 3e-3), ("ia3", 1e-2), ("loha", 3e-3), ("lokr", 3e-3), ("oft", 3e-3), ("adapter", 3e-3), ("vpt", 1e-2))}
+
 register_task(TaskSpec(
-    "classification", frozenset({"label"}), ("full", "head", "lora", "bitfit"),
+    "classification", frozenset({"label"}), ("full", "head", "lora", "bitfit", *PEFT_METHOD_DEFAULTS),
     {"full": {"learning_rate": 1e-3, "epochs": 4, "batch_size": 16},
      "head": {"learning_rate": 1e-2, "epochs": 6, "batch_size": 32},
      "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
-     "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16}},
+     "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
+     **PEFT_METHOD_DEFAULTS},
     base_models=("efficientnet_lite0", "resnet18", "google/vit-base-patch16-224-in21k"), tab="Classify", hub_example="", pipeline_tag="image-classification",
     hub_tag="image-classification", title="Image Classification",
     ingest="mmdemo.data.classification:ingest_classification", training="mmdemo.tasks:ClassificationTask",

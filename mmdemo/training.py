@@ -19,6 +19,7 @@ import yaml
 from . import tracking
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
+from .memory import peak_memory_mb
 from .models import count_parameters
 from .procs import process_start_time
 from .progress import dumps
@@ -179,7 +180,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / EVAL_FILE, result)
-        writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank)
+        writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank,
+                     peak_memory_mb=peak_memory_mb())
         message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
         headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match",
                                            *getattr(task, "headline_metrics", ())) if k in result}

@@ -19,13 +19,14 @@ def api_load_dataset(file: dict, task: str = "classification", request: gr.Reque
 
 def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
                        learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
-                       max_steps: int = 0, trackio: str = "", request: gr.Request = None) -> dict:
+                       max_steps: int = 0, trackio: str = "", keep_old: str = "", request: gr.Request = None) -> dict:
     """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name settings that will
-    run far too long or close to the memory there is. ``trackio``: a trackio project to log the run to."""
+    run far too long or close to the memory there is. ``trackio``: a trackio project to log the run to;
+    ``keep_old``: a continued run's replay / distill / both / off."""
     wsp = api_workspace(request)
     run_id = api.start(wsp, dataset_id, manager=manager(), base_model=base_model, method=method,
                        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, image_size=image_size,
-                       max_steps=max_steps, trackio=trackio)
+                       max_steps=max_steps, trackio=trackio, keep_old=keep_old)
     return {"run_id": run_id, "warnings": api.run_warnings(wsp, run_id)}
 
 
@@ -88,6 +89,8 @@ def api_zero_shot(image: dict, labels: str, checkpoint: str = "", template: str 
     """{label: probability} for an image and comma-separated labels; checkpoint "" = the offline classifier, else a
     retrieval run id of yours or a CLIP / SigLIP Hub id."""
     return zero_shot(api_workspace(request), read_image(image), labels, checkpoint, template)
+
+
 def api_baselines(dataset_id: str, request: gr.Request = None) -> dict:
     """A classification dataset's baselines without fine-tuning (k-shot curve, full-data linear probe and
     nearest class mean on the validation split) and the recommended recipe with its predicted time."""
@@ -99,12 +102,31 @@ def api_compare_runs(run_ids: list[str], request: gr.Request = None) -> dict:
     return api.compare_runs(api_workspace(request), run_ids)
 
 
+def api_method_plan(dataset_id: str, base_model: str = "", method: str = "", request: gr.Request = None) -> dict:
+    """Before launch: {method, trainable_params, total_params, share, layers, text} of a method on a base model."""
+    return api.method_plan(api_workspace(request), dataset_id, base_model, method)
+
+
+def api_start_bakeoff(dataset_id: str, base_model: str = "", steps: int = 0, image_size: int = 0,
+                      request: gr.Request = None) -> dict:
+    """Runs every applicable method with the same step budget (0 = 60 steps) and image size (0 = the model's);
+    returns {bakeoff_id, methods, skipped, steps}."""
+    return api.start_bakeoff(api_workspace(request), dataset_id, base_model, steps, image_size, manager=manager())
+
+
+def api_bakeoff_status(bakeoff_id: str, request: gr.Request = None) -> dict:
+    """The bake-off table: {rows: [{method, status, trainable_params, peak_memory_mb, step_time_s, adapter_mb,
+    metric, value, pick}], done, pick, steps, base_model}."""
+    return api.bakeoff_status(api_workspace(request), bakeoff_id, manager=manager())
+
+
 def register_api() -> None:
     for fn, name, limit in [(api_load_dataset, "load_dataset", 2), (api_start_training, "start_training", 4),
                             (api_training_status, "training_status", None), (api_stop_training, "stop_training", None),
                             (api_resume_training, "resume_training", 4), (api_classify, "classify", 4),
                             (api_caption, "caption", 4), (api_answer, "answer", 4), (api_push_to_hub, "push_to_hub", 2),
-                            (api_list_runs, "list_runs", None)]:
+                            (api_list_runs, "list_runs", None), (api_method_plan, "method_plan", 2),
+                            (api_start_bakeoff, "start_bakeoff", 2), (api_bakeoff_status, "bakeoff_status", None)]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)
     for fn, name in [(api_search, "search"), (api_search_captions, "search_captions"), (api_zero_shot, "zero_shot")]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=4)

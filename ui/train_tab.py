@@ -8,9 +8,11 @@ from pathlib import Path
 import gradio as gr
 
 from mmdemo import api, runs
+from mmdemo.config import KEEP_OLD
 from mmdemo.errors import UserInputError
 
 from .advice import advised_method, build_advice_section, build_baseline_comparison
+from .bakeoff import build_bakeoff_section
 from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
 
 
@@ -141,6 +143,10 @@ def build_train_tab(browser_id):
                                                info="also log the run's metrics to trackio's local store")
                 fields["hflip"] = gr.Radio(["auto", "on", "off"], value="auto", label="Horizontal flips",
                                            info="auto: off for glyph-like images (digits, text)")
+            with gr.Row():
+                fields["keep_old"] = gr.Radio(list(KEEP_OLD), value=KEEP_OLD[0], label="Keep what it knew",
+                                              info="when the base model is a previous run: replay its memory of "
+                                                   "training images, distill its outputs, both, or off")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")
@@ -162,6 +168,7 @@ def build_train_tab(browser_id):
         # contain: a small image shown whole (cover crops a 64 px shape to its background)
         mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
+        build_bakeoff_section(browser_id, dataset, fields)
         build_push_section(browser_id, run)
     return dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 

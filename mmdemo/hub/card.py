@@ -57,7 +57,7 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
         base = [part for part in parts if part] or None
     name = (repo_id or "").split("/")[-1] or f"mmdemo-{run_dir.name}"
     repo = repo_id or f"your-name/{name}"
-    adapter = (model_dir / "adapter").is_dir() and not merged
+    adapter = (model_dir / "adapter" / "adapter_config.json").is_file() and not merged  # a peft adapter
     results = _eval_results(report, task, dataset)
     tags = [TASK_TAGS[task], "mmdemo", family, cfg.get("method", "full")] + (["peft", "lora"] if adapter else [])
     data = ModelCardData(library_name=LIBRARIES.get(family, family), pipeline_tag=PIPELINE_TAGS[task],
@@ -76,6 +76,8 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
             lines += ["![confusion matrix](confusion_matrix.png)", ""]
         if task == "classification":
             lines += _card_usage(repo, family, adapter, model_dir, len(meta.get("id2label", {})))
+            if meta.get("added_modules"):
+                lines += [_ADDED_NOTE.format(method=meta["added_modules"]["method"]), ""]
         else:
             lines += _fused_usage(repo, meta, report)
     else:
@@ -166,7 +168,10 @@ def _card_usage(repo_id: str, family: str, adapter: bool, model_dir: Path, num_l
     return lines
 
 
-_ADAPTER_NOTE = ("`adapter/` holds the LoRA adapter (peft); the top-level weights are that adapter merged into the "
+_ADDED_NOTE = ("Trained with `{method}` (mmdemo.peft_methods), which cannot be merged: the top-level weights are "
+               "the base network with its trained head, and `adapter/added.safetensors` holds the added modules, "
+               "which `mmdemo.models.load_classifier` puts back (the loaders above give the network without them).")
+_ADAPTER_NOTE = ("`adapter/` holds the peft adapter (LoRA, DoRA, IA3, LoHa, LoKr or OFT); the top-level weights are that adapter merged into the "
                  "base model, so they load without peft.")
 
 
