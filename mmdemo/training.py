@@ -18,6 +18,7 @@ import yaml
 
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
+from .fit import Fitter, fitter_for_run
 from .models import count_parameters
 from .procs import process_start_time
 from .progress import dumps
@@ -155,8 +156,10 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
                  num_workers=workers,
                  images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
 
+    # On a GPU: the micro-batch that fits, measured with real steps (mmdemo/fit.py).
+    fitter = fitter_for_run(acc, task, model, optimizer, cfg, total_steps, trainable, writer, run_dir)
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
-                 total_steps, state)
+                 total_steps, state, fitter)
     outcome = loop.run()
     # The last evaluation is the final one unless a step (or a stop) came after it.
     result = loop.report
@@ -204,7 +207,8 @@ class _Loop:
     """The epoch / step loop with its state; the task supplies loss and evaluation."""
 
     def __init__(self, acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg,
-                 run_dir, total_steps, state):
+                 run_dir, total_steps, state, fitter=None):
+        self.fitter = fitter or Fitter(acc, task, optimizer)
         self.acc, self.task, self.model, self.optimizer, self.scheduler = acc, task, model, optimizer, scheduler
         self.train_loader, self.val_loader, self.sampler, self.writer = train_loader, val_loader, sampler, writer
         self.cfg, self.run_dir, self.total_steps = cfg, run_dir, total_steps
@@ -248,8 +252,8 @@ class _Loop:
             if i < self.batch_in_epoch * cfg.gradient_accumulation_steps:
                 continue  # resuming mid-epoch: the sampler replays the same order
             with acc.accumulate(self.model):
-                loss = self.task.loss(self.model, batch)
-                acc.backward(loss)
+                # Forward + backward in the micro-batches that fit; an out-of-memory error redoes the batch.
+                loss = self.fitter.backward(self.model, batch, self.step)
                 self.optimizer.step()
                 self.scheduler.step() if acc.sync_gradients else None
                 self.optimizer.zero_grad(set_to_none=True)
