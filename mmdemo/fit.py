@@ -279,7 +279,7 @@ class Fitter:
             self.optimizer.zero_grad(set_to_none=True)
             self.memory.release()
         if self.acc.num_processes > 1:  # every process trains the same number of pieces
-            micro = int(self.acc.reduce(torch.tensor(micro, device=self.acc.device), "min").item())
+            micro = int(self.acc.gather(torch.tensor([micro], device=self.acc.device)).min().item())
         if not micro or timing is None:
             self.on_event({"type": "fit", "fits": False, "device": self.memory.name, "capacity_bytes": capacity})
             raise OutOfDeviceMemory(f"{oom_advice()} (Not even a batch of 1 fits in the {_gib(capacity)} of "

@@ -371,8 +371,10 @@ def _resume(run_dir: Path, acc, optimizer, scheduler) -> dict:
     from safetensors.torch import load_model
 
     ckpt = run_dir / latest.read_text().strip()
-    load_model(acc.unwrap_model(acc._models[0]), str(ckpt / "model.safetensors"), device=str(acc.device))
-    opt = torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True)
+    # safetensors and torch.load take "cpu", never "cpu:0" (the device of a torchrun process on the CPU).
+    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+    load_model(acc.unwrap_model(acc._models[0]), str(ckpt / "model.safetensors"), device=device)
+    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((ckpt / "state.json").read_text())

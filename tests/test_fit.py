@@ -3,6 +3,9 @@ the dry run and the micro-batch it picks, out-of-memory recovery mid-run, the st
 the pre-launch VRAM check, and the job manager's launch of several processes."""
 
 import json
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from PIL import Image, ImageDraw
 
 from mmdemo.config import TrainConfig
 from mmdemo.data import ingest_dataset
+from mmdemo.jobs import JobManager, new_run_config, resume_training, run_status, start_training, train_command
+from mmdemo.memory import check_memory, vram_warning
 from mmdemo.fit import PROBE_REPEATS, OutOfDeviceMemory, batch_length, split_batch
 from mmdemo.training import train
 
@@ -106,3 +111,51 @@ def test_three_halvings_then_a_stop_with_the_advice(dataset, tmp_path):
     assert [r["action"] for r in ooms] == ["halved"] * 3 + ["stop"] and [r.get("pieces") for r in ooms[:3]] == [2, 4, 8]
     with pytest.raises(OutOfDeviceMemory, match="Not even a batch of 1 fits"):
         train(cfg_for(dataset, tmp_path / "tiny", {"budget_mb": 10, "base_mb": 20, "per_sample_mb": 1}))
+
+
+def test_the_pre_launch_check_sets_the_gpu_part_against_the_device(dataset, tmp_path):
+    cfg = cfg_for(dataset, tmp_path / "r", {"budget_mb": 60, "per_sample_mb": 1}, method="full", batch_size=64)
+    warning = check_memory(cfg, 24)
+    assert warning.startswith("🔴 Will not fit") and "the simulated device has 0.1 GB free" in warning
+    assert "One pass would fit with batch_size 16" in warning
+    assert vram_warning(replace(cfg, batch_size=16), 24) == ""
+    assert vram_warning(replace(cfg, extra={}), 24) == ""  # no GPU here, none simulated: nothing to say
+
+
+def wait_for(run_dir, manager, done, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snap = run_status(run_dir, manager)
+        if done(snap):
+            return snap
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {snap} {(run_dir / 'train.log').read_text()[-2000:]}")
+
+
+def test_the_job_manager_trains_two_processes_and_stops_and_resumes_them(dataset, tmp_path):
+    gpus = train_command(tmp_path / "c.yaml", gpus=2)
+    assert gpus[1:5] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"] and gpus[5] == "2"
+    assert train_command(tmp_path / "c.yaml", gpus=1) == [sys.executable, "-m", "mmdemo", "train", "--config",
+                                                          str(tmp_path / "c.yaml")]
+    # Two CPU processes through the app's own launch (torchrun here), the batch of 4 in 2 pieces on each.
+    manager = JobManager(root=tmp_path)
+    cfg = new_run_config(tmp_path / "ws", dataset, base_model="test_resnet", pretrained=False, epochs=6,
+                         batch_size=4, image_size=32, num_processes=2, log_every=1, checkpoint_every_minutes=0,
+                         extra={"simulated_device": {"budget_mb": 60, "base_mb": 20, "per_sample_mb": 10}})
+    run_dir = Path(cfg.output_dir)
+    start_training(cfg, manager)
+    assert "torch.distributed.run" in train_command(run_dir / "config.yaml")
+    snap = wait_for(run_dir, manager, lambda s: s["step"] >= 2)
+    assert "2 micro-batches of 2" in snap["fit_warning"]
+    manager.stop(run_dir)
+    snap = wait_for(run_dir, manager, lambda s: s["status"] not in ("running", "stopping", "queued")
+                    and not manager.is_alive(run_dir))
+    assert snap["status"] == "stopped", snap
+    resume_training(run_dir, manager)
+    snap = wait_for(run_dir, manager, lambda s: s["status"] not in ("running", "stopping", "queued")
+                    and not manager.is_alive(run_dir))
+    assert snap["status"] == "completed" and snap["step"] == snap["total_steps"], snap
+    starts = records(run_dir, "start")
+    assert [s["num_processes"] for s in starts] == [2, 2] and [s["resumed"] for s in starts] == [False, True]
+    assert all(r["pieces"] == 2 for r in records(run_dir, "fit"))
+    assert len(records(run_dir, "end")[-1]["samples_per_rank"]) == 2
