@@ -198,10 +198,10 @@ def _failure_message(e: Exception, run_dir: Path | None = None) -> str:
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
             isinstance(e, RuntimeError) and any(t in text for t in OOM_TEXTS)):
         where = "GPU memory" if isinstance(e, torch.OutOfMemoryError) or "cuda" in text else "memory"
+        from .fit import oom_advice
+
         # Resuming would replay the same batch: the advice is a new run with lighter settings.
-        return (f"Out of {where}: a batch did not fit. Start a new run with a smaller batch size (e.g. half), a "
-                "smaller image size, or the 'lora' or 'head' method (far fewer gradients and optimizer states to "
-                "hold). The training process has exited, so its memory is free again.")
+        return oom_advice(where)
     from .runs import resume_advice
 
     advice = resume_advice(run_dir) + " " if run_dir is not None else ""

@@ -118,6 +118,9 @@ class TrainConfig:
     keep_old: str = field(default=KEEP_OLD[0], metadata={
         "help": "continuing a previous classification run: keep its classes by replaying its memory of training "
                 "images, distilling its outputs, both, or off", "choices": KEEP_OLD})
+    num_processes: int = field(default=0, metadata={
+        "help": "training processes started by the app (0 = one per visible GPU, one on the CPU); several "
+                "train together with DDP (accelerate launch on GPUs, torchrun on the CPU)"})
     extra: dict = field(default_factory=dict, metadata={"help": "free-form settings kept with the run"})
 
     def __post_init__(self):
@@ -152,6 +155,8 @@ class TrainConfig:
         for name in ("epochs", "max_steps", "batch_size", "image_size", "early_stopping_patience", "seed"):
             if int(getattr(self, name)) < 0:
                 p.append(f"{name} must be 0 (default) or more (got {getattr(self, name)})")
+        if not 0 <= self.num_processes <= 64:
+            p.append(f"num_processes must be 0 (one per GPU) to 64 (got {self.num_processes})")
         if self.num_workers < -1:
             p.append(f"num_workers must be -1 (automatic), 0 (load in the training process) or more "
                      f"(got {self.num_workers})")

@@ -97,7 +97,8 @@ class JobManager:
         with self._lock:
             self._closing = True
             queued, self._queue = self._queue, []
-            children = {run_dir: (proc.pid, read_status_file(run_dir).get("pid_start"))
+            # The process this manager started (a launcher of several processes forwards the signal).
+            children = {run_dir: (proc.pid, procs.process_start_time(proc.pid))
                         for run_dir, proc in self._procs.items()}
             children.update(self._adopted)
         for run_dir in queued:
@@ -119,14 +120,34 @@ def _launch(run_dir: Path) -> subprocess.Popen:
     # its own lower priority, thread count and memory limit from the environment (procs.child_env).
     log = open(run_dir / LOG_FILE, "ab")
     env = procs.child_env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen([sys.executable, "-m", "mmdemo", "train", "--config", str(run_dir / CONFIG_FILE)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+    proc = subprocess.Popen(train_command(run_dir / CONFIG_FILE), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     log.close()
     # The start time tells this child from a process that gets its pid after it is gone.
     write_status(run_dir, "running", message="Starting: loading the data and the model.", pid=proc.pid,
                  pid_start=procs.process_start_time(proc.pid))
     return proc
+
+
+def train_command(config_path: Path, gpus: int | None = None) -> list[str]:
+    """The child's command: ``python -m mmdemo train --config RUN/config.yaml`` for one process; for
+    several (config ``num_processes``, 0 = one per visible GPU) the same module under ``accelerate launch
+    --multi_gpu`` (DDP) on GPUs, or under ``torchrun`` on the CPU (where accelerate launch starts one)."""
+    import yaml
+
+    train = ["-m", "mmdemo", "train", "--config", str(config_path)]
+    try:
+        wanted = int((yaml.safe_load(Path(config_path).read_text()) or {}).get("num_processes") or 0)
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        wanted = 0  # the child itself reports a config it cannot read
+    gpus = len(procs.gpu_memory()) if gpus is None else gpus
+    n = wanted or max(1, gpus)
+    if n == 1:
+        return [sys.executable, *train]
+    if gpus:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                "--module", *train[1:]]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *train]
 
 
 def child_alive(run_dir: Path, status: dict) -> bool:
@@ -203,6 +224,8 @@ def run_status(run_dir: Path, manager: JobManager | None = None) -> dict:
         "val_metrics": [{k: v for k, v in r.items() if k not in ("type", "time")} for r in evals],
         "main_metric": main_metric,
         "metrics": metrics, "message": status.get("message", ""),
+        # The child's dry run on its GPU (mmdemo/fit.py): peak against free memory, micro-batch, ETA.
+        "fit_message": status.get("fit_message", ""), "fit_warning": status.get("fit_warning", ""),
     }
     if state == "queued" and manager is not None:
         position = manager.queue_position(run_dir)

@@ -5,8 +5,9 @@
 
 The base (python, torch, the libraries, allocator slack) and the activation factors are fitted to the
 peak RSS of short real runs on the CPU (bench/memory_estimate.py prints measured against estimated).
-On a GPU the weights, states and activations live in VRAM: the same sum is compared with the device's
-free memory, and only the base and the dataset with the host's RAM.
+On a GPU the weights, states and activations live in VRAM: the same sum (plus CUDA's context) is compared
+with the device's free memory (nvidia-smi; vram_warning), and only the base and the dataset with the
+host's RAM. The training child then measures the real peak with a dry run of real steps (mmdemo/fit.py).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _timm_parameters(name: str) -> float:
 
 def check_memory(cfg, num_images: int) -> str:
     """Refuses (UserInputError) a run whose estimated peak exceeds the memory available to it, naming
-    both and a batch size / image size that would fit; returns a warning when it is close, else ""."""
+    both and a batch size / image size that would fit; returns a warning when it is close, or when its
+    GPU part exceeds the GPU's free memory (vram_warning), else ""."""
     est = estimate(cfg, num_images)
     available, where = available_for_job()
     if not available:
@@ -104,10 +106,11 @@ def check_memory(cfg, num_images: int) -> str:
         raise UserInputError(
             f"This run needs about {_gb(need)} of memory (batch_size {cfg.batch_size} at image_size "
             f"{est['image_size']}), but {where} {_gb(available)}. {_what_fits(cfg, num_images, available)}")
+    host = ""
     if need > WARN_SHARE * available:
-        return (f"This run needs about {_gb(need)} of memory and {where} {_gb(available)}: it may run "
+        host = (f"This run needs about {_gb(need)} of memory and {where} {_gb(available)}: it may run "
                 f"out. {_what_fits(cfg, num_images, WARN_SHARE * available, 'For headroom')}")
-    return ""
+    return " ".join(w for w in (vram_warning(cfg, num_images, est), host) if w)
 
 
 def available_for_job() -> tuple[int, str]:
@@ -120,18 +123,65 @@ def available_for_job() -> tuple[int, str]:
     return available, where
 
 
-def _what_fits(cfg, num_images: int, budget: float, lead: str = "Try") -> str:
+def _what_fits(cfg, num_images: int, budget: float, lead: str = "Try", need=lambda est: est["bytes"]) -> str:
     from dataclasses import replace
 
     size = estimate(cfg, num_images)["image_size"]
     for batch in (cfg.batch_size // 2, cfg.batch_size // 4, 8, 4, 1):
-        if 1 <= batch < cfg.batch_size and estimate(replace(cfg, batch_size=batch), num_images)["bytes"] <= budget:
+        if 1 <= batch < cfg.batch_size and need(estimate(replace(cfg, batch_size=batch), num_images)) <= budget:
             return f"{lead} batch_size {batch}, or a smaller image_size."
     for smaller in (size // 2, 224, 160, 128, 64):
-        if 32 <= smaller < size and estimate(replace(cfg, batch_size=min(cfg.batch_size, 8), image_size=smaller),
-                                             num_images)["bytes"] <= budget:
+        if 32 <= smaller < size and need(estimate(replace(cfg, batch_size=min(cfg.batch_size, 8), image_size=smaller),
+                                                  num_images)) <= budget:
             return f"{lead} batch_size {min(cfg.batch_size, 8)} at image_size {smaller}."
     return "Even a small batch would not fit: pick a smaller model or the 'head' / 'lora' method."
+
+
+# What CUDA itself takes on the device before the first tensor (context, cuBLAS / cuDNN workspaces).
+CUDA_CONTEXT_BYTES = 600 * MB
+
+
+def device_need(est: dict, simulated: bool = False) -> int:
+    """The part of an estimate that lives in the GPU's memory: weights, gradients and optimizer states,
+    activations, and CUDA's own context. The activation factors were fitted in fp32 on the CPU: under
+    bf16 autocast they overstate a GPU's need, which leaves a margin."""
+    parts = est["parts"]
+    return int(parts["weights"] + parts["gradients_and_optimizer"] + parts["activations"]
+               + (0 if simulated else CUDA_CONTEXT_BYTES))
+
+
+def device_free(cfg) -> tuple[int, str]:
+    """The free memory of the GPU a run trains on (the least free one when several train together) and
+    its name; (0, "") without one. A config's ``extra.simulated_device`` stands in for it (mmdemo/fit.py)."""
+    simulated = (cfg.extra or {}).get("simulated_device")
+    if simulated:
+        try:
+            return int(float(simulated["budget_mb"]) * MB), "the simulated device"
+        except (KeyError, TypeError, ValueError):
+            return 0, ""
+    gpus = procs.gpu_memory()
+    if not gpus:
+        return 0, ""
+    least = min(gpus, key=lambda g: g["free"])
+    return least["free"], least["name"]
+
+
+def vram_warning(cfg, num_images: int, est: dict | None = None) -> str:
+    """A red warning when the run's estimated GPU memory exceeds the device's free memory (the child then
+    trains each batch in micro-batches that fit, measured before its first step: mmdemo/fit.py), with
+    the batch size that would fit in one pass; "" when it fits or there is no GPU."""
+    free, name = device_free(cfg)
+    if not free:
+        return ""
+    simulated = bool((cfg.extra or {}).get("simulated_device"))
+    est = est or estimate(cfg, num_images)
+    need = device_need(est, simulated)
+    if need <= free:
+        return ""
+    fits = _what_fits(cfg, num_images, free, "One pass would fit with", lambda e: device_need(e, simulated))
+    return (f"🔴 Will not fit: this run needs about {_gb(need)} of GPU memory (batch_size {cfg.batch_size} at "
+            f"image_size {est['image_size']}) and {name} has {_gb(free)} free. It will train each batch in "
+            f"smaller micro-batches (same effective batch, slower). {fits}")
 
 
 def _gb(n: float) -> str:

@@ -64,6 +64,33 @@ def gpu_visible() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
 
 
+def gpu_memory() -> list[dict]:
+    """Each visible NVIDIA GPU's name, free and total bytes, from nvidia-smi (no torch, no CUDA context
+    in the server); [] where there is none or nvidia-smi does not answer."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.free,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        try:
+            name, free, total = (part.strip() for part in line.rsplit(",", 2))
+            gpus.append({"name": name, "free": int(float(free)) * 2**20, "total": int(float(total)) * 2**20})
+        except ValueError:
+            continue
+    # CUDA_VISIBLE_DEVICES narrows what a child sees (a list of indices; UUIDs are taken as they come).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+        gpus = [gpus[int(v)] for v in visible.split(",") if v.strip() and int(v) < len(gpus)]
+    return gpus
+
+
 def process_start_time(pid) -> int | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None when no such process."""
     try:
@@ -109,12 +136,13 @@ def is_training_child(pid, start_time, config_path) -> bool:
 
 
 def _runs_train(argv: list[str], config_path: Path) -> bool:
-    try:
-        module = argv.index("-m")
-        config = argv.index("--config", module)
-    except ValueError:
+    # "-m mmdemo train" may follow a launcher's own "-m" (python -m torch.distributed.run ... -m mmdemo train).
+    module = next((i for i, arg in enumerate(argv) if arg in ("-m", "--module") and argv[i + 1:i + 3] == ["mmdemo", "train"]),
+                  None)
+    if module is None or "--config" not in argv[module:]:
         return False
-    if argv[module + 1:module + 3] != ["mmdemo", "train"] or config + 1 >= len(argv):
+    config = argv.index("--config", module)
+    if config + 1 >= len(argv):
         return False
     return _same_file(argv[config + 1], config_path)
 

@@ -20,6 +20,7 @@ from . import tracking
 from .config import TrainConfig, auto_epochs
 from .errors import UserInputError
 from .memory import peak_memory_mb
+from .fit import Fitter, fitter_for_run
 from .models import count_parameters
 from .procs import process_start_time
 from .progress import dumps
@@ -161,8 +162,10 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
     phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
 
+    # On a GPU: the micro-batch that fits, measured with real steps (mmdemo/fit.py).
+    fitter = fitter_for_run(acc, task, model, optimizer, cfg, total_steps, trainable, writer, run_dir)
     loop = _Loop(acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg, run_dir,
-                 total_steps, state)
+                 total_steps, state, fitter)
     if phase:  # the head phase's model is a candidate for the best too (scored in this record, not an eval)
         scored = loop._note_best(task.report(model, val_loader, acc, 0)[task.main_metric]) if loop.keep_best else {}
         writer.write(type="phase", name="head", step=0, **phase, **scored)
@@ -221,7 +224,8 @@ class _Loop:
     """The epoch / step loop with its state; the task supplies loss and evaluation."""
 
     def __init__(self, acc, task, model, optimizer, scheduler, train_loader, val_loader, sampler, writer, cfg,
-                 run_dir, total_steps, state):
+                 run_dir, total_steps, state, fitter=None):
+        self.fitter = fitter or Fitter(acc, task, optimizer)
         self.acc, self.task, self.model, self.optimizer, self.scheduler = acc, task, model, optimizer, scheduler
         self.train_loader, self.val_loader, self.sampler, self.writer = train_loader, val_loader, sampler, writer
         self.cfg, self.run_dir, self.total_steps = cfg, run_dir, total_steps
@@ -268,8 +272,8 @@ class _Loop:
             if i < self.batch_in_epoch * cfg.gradient_accumulation_steps:
                 continue  # resuming mid-epoch: the sampler replays the same order
             with acc.accumulate(self.model):
-                loss = self.task.loss(self.model, batch)
-                acc.backward(loss)
+                # Forward + backward in the micro-batches that fit; an out-of-memory error redoes the batch.
+                loss = self.fitter.backward(self.model, batch, self.step)
                 self.optimizer.step()
                 self.scheduler.step() if acc.sync_gradients else None
                 self.optimizer.zero_grad(set_to_none=True)
@@ -394,8 +398,10 @@ def _resume(run_dir: Path, acc, optimizer, scheduler) -> dict:
     from safetensors.torch import load_model
 
     ckpt = run_dir / latest.read_text().strip()
-    load_model(acc.unwrap_model(acc._models[0]), str(ckpt / "model.safetensors"), device=str(acc.device))
-    opt = torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True)
+    # safetensors and torch.load take "cpu", never "cpu:0" (the device of a torchrun process on the CPU).
+    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+    load_model(acc.unwrap_model(acc._models[0]), str(ckpt / "model.safetensors"), device=device)
+    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((ckpt / "state.json").read_text())

@@ -73,6 +73,10 @@ def progress_html(status: dict) -> str:
     eta = format_duration(status.get("eta_s")) if status["status"] == "running" else ""
     eta = f" · ETA {eta}" if eta else ""
     msg = f"<div>{html.escape(status['message'])}</div>" if status.get("message") else ""
+    if status.get("fit_warning"):  # the GPU dry run found the batch too big: it trains in micro-batches
+        msg += f"<div style='color:#d00'>🔴 {html.escape(status['fit_warning'])}</div>"
+    elif status.get("fit_message"):
+        msg += f"<div>{html.escape(status['fit_message'])}</div>"
     return (f"<div><b>{status['status']}</b> · step {step} / {total} · epoch {status['epoch']}{eta}</div>"
             f"<progress id='train-progress' value='{step}' max='{max(total, 1)}' style='width:100%'></progress>{msg}")
 
