@@ -155,7 +155,7 @@ def bakeoff_table(workspace: Path, bakeoff_id: str, manager=None) -> dict:
     text = str(bakeoff_id or "").strip()
     path = Path(workspace) / BAKEOFF_DIR / f"{text}.json"
     if not text.isalnum() or not path.is_file():
-        raise UserInputError(f"No bake-off '{text}' in this session; start one with the bake-off button.")
+        raise UserInputError(f"No bake-off '{text}' in this session: start one first (the bake-off of the Train settings, or /start_bakeoff).")
     record = read_json(path)
     rows = []
     for method, run_id in record["runs"].items():

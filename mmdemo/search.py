@@ -72,7 +72,7 @@ def search_captions(image, dataset_dir, checkpoint, top_k: int = 5) -> list[dict
     from .retrieval import load_dual
 
     if image is None:
-        raise UserInputError("No image given: drop an image to find its captions.")
+        raise UserInputError("No image given: give an image to find its captions.")
     top_k = int_in_range("top_k", top_k, 1, MAX_TOP_K, 5)
     model = load_dual(checkpoint)
     texts, captions = caption_embeddings(dataset_dir, checkpoint, model)
