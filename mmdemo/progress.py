@@ -141,7 +141,10 @@ class TrainingPrinter:
         scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.mode == "bar":
             took = format_duration(time.time() - self.started) or "0 s"
-            self._line(f"{status} in {took}: {scores.get('step', self.step)} steps · "
+            kept = scores.get("step", self.step)
+            # keep_best: the model (and its scores) may be an earlier evaluation's than the last step.
+            best = f" · best at step {kept}" if self.step and kept != self.step else ""
+            self._line(f"{status} in {took}: {self.step or kept} steps{best} · "
                        f"{score_text(scores, [k for k in scores if k != 'step'])} · model in {output_dir}")
         head = {"type": "summary", "status": status} if self.mode == "json" else {}
         print(dumps({**head, "output_dir": output_dir, **scores}), flush=True)

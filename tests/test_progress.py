@@ -204,10 +204,12 @@ def test_cli_prints_progress_evaluations_and_a_summary(tmp_path):
     assert any(re.fullmatch(r"step \d+/10 · loss [\d.e+-]+ .*ETA .*", line) for line in lines), out.stderr
     assert any(re.fullmatch(r"step 10/10 · loss .*", line) for line in lines)
     assert len([line for line in lines if re.match(r"epoch \d · step \d+ · .*accuracy", line)]) == 2
-    assert re.search(r"^completed in .+: 10 steps · .*accuracy [\d.]+ .*· model in ", out.stderr, re.M)
+    assert re.search(r"^completed in .+: 10 steps (· best at step \d+ )?· .*accuracy [\d.]+ .*· model in ", out.stderr,
+                     re.M)
     assert "\r" not in out.stderr and "Generating" not in out.stderr and "Downloading" not in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["output_dir"] == str(tmp_path / "plain") and summary["step"] == 10
+    # The kept model's step: the last one, or the best evaluation's (keep_best).
+    assert summary["output_dir"] == str(tmp_path / "plain") and summary["step"] in (5, 10)
 
     quiet = cli_train(tmp_path, "quiet", "--quiet")
     assert "step" not in quiet.stderr and "completed in" not in quiet.stderr
