@@ -59,9 +59,9 @@ def check(name: str, **tag):
 
 def sizes(smoke: bool) -> dict:
     if smoke:
-        return dict(steps=3, batch_size=4, image_size=64, classifier="test_resnet", rows=40,
+        return dict(steps=3, batch_size=4, image_size=64, classifier="test_resnet", vit_classifier="test_vit", rows=40,
                     models=("test_vit", "test_resnet"), tp_size=64, tp_batch=8, tp_steps=3, compile=(False,))
-    return dict(steps=30, batch_size=0, image_size=0, classifier="", rows=0,
+    return dict(steps=30, batch_size=0, image_size=0, classifier="", vit_classifier="vit_base_patch16_224", rows=0,
                 models=("vit_base_patch16_224", "resnet50"), tp_size=224, tp_batch=128, tp_steps=30,
                 compile=(False, True))
 
@@ -91,6 +91,7 @@ def dataset_for(task: str, work: Path, s: dict, smoke: bool) -> str:
 
 def run_tasks(work: Path, s: dict, smoke: bool) -> dict:
     from mmdemo.jobs import JobManager, new_run_config, run_status, start_training
+    from mmdemo.peft_methods import ADDED_METHODS
     from mmdemo.taskspec import TASK_SPECS
     from mmdemo.training import train
 
@@ -109,6 +110,8 @@ def run_tasks(work: Path, s: dict, smoke: bool) -> dict:
                     params.update(batch_size=s["batch_size"], image_size=s["image_size"])
                 if task == "classification" and s["classifier"]:
                     params.update(base_model=s["classifier"], pretrained=False)
+                if task == "classification" and method in ADDED_METHODS:  # modules added to ViT blocks only
+                    params.update(base_model=s["vit_classifier"], pretrained=False)
                 cfg = new_run_config(work / "ws", dataset, **params)
                 run_dir = Path(cfg.output_dir)
                 t0 = time.time()
@@ -159,7 +162,9 @@ def infer(workspace: Path, spec, run_dir: Path, tag: dict) -> None:
     calls = {"Classify": lambda: api.classify(workspace, image, run_dir.name,
                                               text="what shape is it?" if "text" in spec.columns else ""),
              "Caption": lambda: api.caption(workspace, image, run_dir.name),
-             "Ask": lambda: api.answer(workspace, image, "what shape is this?", run_dir.name)}
+             "Ask": lambda: api.answer(workspace, image, "what shape is this?", run_dir.name),
+             # retrieval: zero-shot labels through the run's two towers
+             "Search": lambda: api.zero_shot(workspace, image, "a circle, a rectangle, a triangle", run_dir.name)}
     if spec.tab not in calls:
         raise NotImplementedError(f"gpu_check has no inference call for the {spec.tab!r} tab")
     t0 = time.perf_counter()
