@@ -115,7 +115,7 @@ def test_children_of_a_killed_app_are_adopted_counted_stopped_and_resumed(tmp_pa
     env = {"MMDEMO_MAX_JOBS": "1"}
     first = AppProcess(data, env=env)
     client = session(first.url)
-    run_id = start_long_run(client, zip_path, 80)
+    run_id = start_long_run(client, zip_path, 300)  # long enough to be stopped on a quiet machine
     run_dir = run_dir_of(data, run_id)
     wait_until(lambda: status_of(client, run_id)["step"] > 0, 180, "the run trains", 0.5)
     first.proc.send_signal(signal.SIGKILL)  # no handler runs: the child is orphaned, still training
