@@ -65,11 +65,13 @@ class BaselineData:
     dataset_dir: Path
     val_rows: list[int] = field(default_factory=list)
 
-    def val_images(self) -> list:
-        """The PIL images of the validation rows the baselines use, in the order of ``val_y``."""
+    def val_images(self, picked=None) -> list:
+        """The PIL images of the validation rows the baselines use, in the order of ``val_y`` (only the
+        positions ``picked`` of that order, when given: a provider that needs a few decodes only those)."""
         from .data import load_splits
 
-        return load_splits(self.dataset_dir)["validation"].select(self.val_rows)["image"]
+        rows = self.val_rows if picked is None else [self.val_rows[int(i)] for i in picked]
+        return load_splits(self.dataset_dir)["validation"].select(rows)["image"]
 
 
 BaselineProvider = Callable[[BaselineData], list[dict]]
@@ -169,8 +171,7 @@ def zero_shot_baseline(data: BaselineData) -> list[dict]:
 
     t0 = time.perf_counter()
     picked = np.sort(np.random.default_rng(0).permutation(len(data.val_y))[:ZERO_SHOT_IMAGES])
-    images = data.val_images()
-    probs = zero_shot_batch([images[int(i)] for i in picked], data.classes)
+    probs = zero_shot_batch(data.val_images(picked), data.classes)
     hits = [max(p, key=p.get) == data.classes[data.val_y[i]] for p, i in zip(probs, picked)]
     return [row("zero-shot", 0, [float(np.mean(hits))], time.perf_counter() - t0)]
 
