@@ -290,7 +290,7 @@ class Fitter:
         record = {"type": "fit", "fits": self.pieces == 1, "device": self.memory.name,
                   "capacity_bytes": capacity, "peak_bytes": timing["peak"] + states,
                   "batch_size": batch_size, "micro_batch": micro, "pieces": self.pieces,
-                  "step_s": round(step_s, 4), "eta_s": round(step_s * total_steps, 1),
+                  "step_s": round(step_s, 6), "eta_s": round(step_s * total_steps, 3),
                   "probes": sorted(measured)}
         record["message"] = fit_message(record)
         self.on_event(record)
