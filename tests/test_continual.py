@@ -9,6 +9,7 @@ from mmdemo.continual import forgetting_table, load_memory, replay_repeats, save
 from mmdemo.data import ingest_dataset, load_splits
 from mmdemo.images import ImageTensors, normalize
 from mmdemo.models import load_classifier
+from mmdemo.runs import report_rows
 from mmdemo.training import train
 
 from test_engine import make_folder
@@ -75,6 +76,9 @@ def test_continued_run_replays_a_balanced_memory_and_reports_forgetting(tmp_path
     assert rows["old", "all"]["after"] == round(accuracy_by_hand(run_b / "model", old_val, names), 4)
     assert rows["new", "all"]["after"] == round(accuracy_by_hand(run_b / "model", new_val, new_val.features["label"].names), 4)
     assert rows["old", "all"]["support"] == len(old_val)
+    # The Train tab's report shows them (after as accuracy, before next to it).
+    shown = {r["class"]: r for r in report_rows(result)}
+    assert shown["all (old class, previous run's validation)"]["accuracy before"] == rows["old", "all"]["before"]
     # The bound holds over the split and the previous memory together, class by class.
     train_split = load_splits(first)["train"]
     assert save_memory(tmp_path / "m", train_split, train_split.features["label"].names, run_b, per_class=3) == 12
