@@ -172,20 +172,21 @@ def fit_head(model, head, pixels, labels, image_size: int, forward, *, batch_siz
 
 
 def save_best(run_dir: Path, model) -> None:
-    """The model's weights as the best so far (temp file + rename: a kill leaves the previous one)."""
-    from safetensors.torch import save_model
+    """The model's weights as the best so far (temp file + rename: a kill leaves the previous one); with
+    frozen parameters only what trains, as in a checkpoint."""
+    from .checkpoints import save_weights
 
     tmp = Path(run_dir) / f".{BEST_FILE}.tmp"
-    save_model(model, str(tmp))
+    save_weights(model, tmp)
     tmp.replace(Path(run_dir) / BEST_FILE)
 
 
 def load_best(run_dir: Path, model, device) -> bool:
     """Loads the best weights into ``model``; False where none were saved."""
-    from safetensors.torch import load_model
+    from .checkpoints import load_weights
 
     path = Path(run_dir) / BEST_FILE
     if not path.is_file():
         return False
-    load_model(model, str(path), device=str(device))
+    load_weights(model, path, str(device))
     return True

@@ -1,11 +1,10 @@
-"""The training loop: accelerate, metrics.jsonl, atomic checkpoints, cooperative stop, resume.
+"""The training loop: accelerate, metrics.jsonl, checkpoints (mmdemo.checkpoints), cooperative stop, resume.
 
 It writes the run directory whose contract (file names, readers, atomic writers) is ``mmdemo.runs``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,8 +23,8 @@ from .fit import Fitter, fitter_for_run
 from .models import count_parameters
 from .procs import process_start_time
 from .progress import dumps
-from .runs import (CONFIG_FILE, EVAL_FILE, LATEST_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status,
-                   write_text_atomic)
+from .checkpoints import resume_checkpoint, save_checkpoint
+from .runs import CONFIG_FILE, EVAL_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status
 from .tasks import make_task
 
 class MetricsWriter:
@@ -146,7 +145,7 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = _scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, scheduler)
-    state = _resume(run_dir, acc, optimizer, scheduler)
+    state = resume_checkpoint(run_dir, acc, optimizer, scheduler)
 
     listener = tracking.listener(cfg, run_dir.name, on_record) if main else on_record  # + trackio when set
     writer = MetricsWriter(run_dir / METRICS_FILE, main, listener)
@@ -362,49 +361,6 @@ def _batch_size(batch) -> int:
     if isinstance(batch, dict):
         return len(next(iter(batch.values())))
     return len(batch[-1])
-
-
-def save_checkpoint(run_dir: Path, acc, optimizer, scheduler, state: dict) -> None:
-    """checkpoint-N/ is complete before ``latest`` names it (temp dir + rename, then temp file +
-    rename), so a kill at any instant leaves the previous checkpoint usable."""
-    if not acc.is_main_process:
-        acc.wait_for_everyone()
-        return
-    from safetensors.torch import save_model
-
-    name = f"checkpoint-{state['step']}"
-    tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # save_model drops the duplicates of tied weights (a text decoder's embeddings and LM head).
-    save_model(acc.unwrap_model(acc._models[0]), str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    final = run_dir / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    latest = run_dir / LATEST_FILE
-    previous = latest.read_text().strip() if latest.exists() else None
-    write_text_atomic(latest, name)
-    if previous and previous != name:
-        shutil.rmtree(run_dir / previous, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _resume(run_dir: Path, acc, optimizer, scheduler) -> dict:
-    latest = run_dir / LATEST_FILE
-    if not latest.exists():
-        return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    from safetensors.torch import load_model
-
-    ckpt = run_dir / latest.read_text().strip()
-    # safetensors and torch.load take "cpu", never "cpu:0" (the device of a torchrun process on the CPU).
-    device = "cpu" if acc.device.type == "cpu" else str(acc.device)
-    load_model(acc.unwrap_model(acc._models[0]), str(ckpt / "model.safetensors"), device=device)
-    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((ckpt / "state.json").read_text())
 
 
 def _save_model(task, model, run_dir: Path, result: dict) -> None:
