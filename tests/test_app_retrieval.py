@@ -56,3 +56,21 @@ def test_search_and_zero_shot_endpoints(client, app_url, tmp_path):
     with pytest.raises(Exception, match="trained for classification, not retrieval"):
         client.predict("a red circle", dataset_id, checkpoint=classification, api_name="/search")
     assert client.predict("a blue triangle", dataset_id, checkpoint=run, top_k=1, api_name="/search")
+
+
+def test_the_contrastive_loss_reaches_the_runs_config(client, tmp_path):
+    """/start_training's contrastive_loss (the Train tab's retrieval-only setting) lands in config.yaml, as
+    /compare_runs reads it back."""
+    sample = small_retrieval_zip(tmp_path / "loss.zip", images=12)
+    dataset_id = client.predict(handle_file(str(sample)), task="retrieval", api_name="/load_dataset")["dataset_id"]
+    runs = [client.predict(dataset_id, max_steps=1, contrastive_loss=loss, api_name="/start_training")["run_id"]
+            for loss in ("sigmoid", "infonce")]
+    try:
+        view = client.predict(runs, api_name="/compare_runs")
+        row = next(r for r in view["config"] if r["setting"] == "contrastive_loss")
+        assert sorted(v for k, v in row.items() if k != "setting") == ["infonce", "sigmoid"]
+    finally:
+        for run in runs:
+            client.predict(run, api_name="/stop_training")
+    with pytest.raises(Exception, match="contrastive_loss must be auto, infonce or sigmoid"):
+        client.predict(dataset_id, contrastive_loss="cosine", api_name="/start_training")

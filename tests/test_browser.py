@@ -104,3 +104,82 @@ def test_train_and_classify_in_the_browser(app_url, tmp_path):
             browser.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
     print(f"screenshots in {tmp_path}")
+
+
+def _tiny_zip(path: Path, rows_of) -> Path:
+    """12 circles and a metadata.jsonl whose rows ``rows_of(file_name, colour)`` gives."""
+    import json
+    import zipfile
+
+    from PIL import Image, ImageDraw
+
+    rows = []
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(12):
+            colour = ("red", "blue", "green")[i % 3]
+            image = Image.new("RGB", (48, 48), "white")
+            ImageDraw.Draw(image).ellipse((10 + i % 4, 10, 38, 38), fill=colour)
+            image.save(path.parent / f"{i}.png")
+            z.write(path.parent / f"{i}.png", f"{i}.png")
+            rows += rows_of(f"{i}.png", colour)
+        z.writestr("metadata.jsonl", "\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_the_classify_text_box_and_the_contrastive_loss_follow_the_task(app_url, tmp_path):
+    """An image + text run shows the Classify tab's Text box and answers with it; the default (image-only)
+    checkpoint hides it. The Train tab shows the contrastive loss for a retrieval dataset only."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    fused = _tiny_zip(tmp_path / "fused.zip", lambda f, c: [{"file_name": f, "text": "what color is it?", "label": c},
+                                                            {"file_name": f, "text": "is it a shape?", "label": "yes"}])
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url)
+            page.wait_for_function("localStorage.getItem('mmdemo-browser-id')", timeout=30_000)
+            summary = page.locator("#dataset-summary")
+            page.get_by_role("radio", name="retrieval", exact=True).check()
+            page.get_by_role("button", name=re.compile("Use the sample dataset")).click()
+            expect(summary).to_contain_text("retrieval", timeout=60_000)
+            page.get_by_role("radio", name="image_text_classification", exact=True).check()
+            page.locator("input[type=file]").first.set_input_files(str(fused))
+            page.get_by_role("button", name="Load dataset").click()
+            expect(summary).to_contain_text("image_text_classification", timeout=60_000)
+
+            # Train tab: the retrieval dataset shows the contrastive loss, the image + text one (selected) does not.
+            page.get_by_role("tab", name="Train").click()
+            loss = page.locator("#contrastive-loss")
+            expect(page.locator("#dataset-choice input")).to_have_value(re.compile("image_text_classification"))
+            expect(loss).to_be_hidden()
+            page.locator("#dataset-choice input").click()
+            page.get_by_role("option", name=re.compile("retrieval")).click()
+            expect(loss).to_be_visible(timeout=10_000)
+            page.locator("#dataset-choice input").click()
+            page.get_by_role("option", name=re.compile("image_text_classification")).click()
+            expect(loss).to_be_hidden(timeout=10_000)
+            page.get_by_label("Epochs (0 = default)").fill("1")
+            page.locator("#start-training").click()
+            expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
+
+            # Classify tab: the run just completed is the checkpoint (the report selects it): the Text box shows.
+            page.get_by_role("tab", name="Classify").click()
+            text = page.locator("#classify-text")
+            expect(page.locator("#checkpoint-choice input")).to_have_value(re.compile("image \\+ text"), timeout=30_000)
+            expect(text).to_be_visible(timeout=10_000)
+            text.locator("textarea").fill("what color is it?")
+            page.locator("img[src*='circle.png']").click()
+            page.locator("#classify-button").click()
+            labels = page.locator("#classify-labels")
+            expect(labels.locator("h2").first).to_have_text(re.compile("^(red|blue|green|yes)$"), timeout=60_000)
+            # The default checkpoint reads no text: the box goes.
+            page.locator("#checkpoint-choice input").click()
+            page.get_by_role("option", name=re.compile("ImageNet classifier")).click()
+            expect(text).to_be_hidden(timeout=10_000)
+            expect(page.get_by_test_id("toast-text")).to_have_count(0)
+        finally:
+            browser.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -17,7 +17,8 @@ from .api import register_api
 from .compare_tab import build_compare_tab
 from .common import TASKS, browser_workspace, user_errors
 from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
-from .predict_tabs import build_classify_tab, build_text_tab, on_answer, on_caption, on_classify
+from .predict_tabs import (IMAGE_TEXT, build_classify_tab, build_text_tab, on_answer, on_caption, on_classify,
+                           on_pick_checkpoint)
 from .search_tab import build_search_tab, build_zero_shot_section
 from .train_tab import build_train_tab, on_pick_dataset, on_resume, on_start, on_stop, on_tick, run_choices
 
@@ -49,10 +50,12 @@ def checkpoint_choices_keys() -> list[str]:
 
 def checkpoint_choices(wsp) -> dict[str, list]:
     """The choices of the Classify, Caption and Ask checkpoint lists: this workspace's runs with a model,
-    keyed by each tab's first task (the Classify list also holds the image + text classification runs)."""
+    keyed by each tab's first task (the Classify list also holds the image + text classification runs, their
+    label saying so; choosing one shows the Classify tab's Text box)."""
     done = {task: [] for task in dict.fromkeys(map(list_task, TASKS))}
     for task in TASKS:
-        done[list_task(task)] += run_choices(wsp, task, finished=True)
+        mark = " · image + text" if task == IMAGE_TEXT else ""
+        done[list_task(task)] += [(label + mark, run_id) for label, run_id in run_choices(wsp, task, finished=True)]
     done["classification"] = [(DEFAULT_CHECKPOINT, "")] + done["classification"]
     return done
 
@@ -103,8 +106,8 @@ def build_demo() -> gr.Blocks:
             on_refresh_choices, browser_id, choices, **private).then(on_restore_run, browser_id, run, **private)
         load.click(on_load_dataset, [browser_id, file, hub_id, task], [summary, counts, gallery, dataset], **private)
         sample.click(on_sample, [browser_id, task], [summary, counts, gallery, dataset], **private)
-        dataset.change(on_pick_dataset, [browser_id, dataset], [fields["base_model"], fields["method"], gpu_notice],
-                       **private)
+        dataset.change(on_pick_dataset, [browser_id, dataset],
+                       [fields["base_model"], fields["method"], gpu_notice, fields["contrastive_loss"]], **private)
         start.click(on_start, [browser_id, dataset], run, inputs_kwargs=fields, **private)
         stop.click(on_stop, [browser_id, run], None, **private)
         resume.click(on_resume, [browser_id, run], None, **private)
@@ -116,6 +119,7 @@ def build_demo() -> gr.Blocks:
                         **private)
         gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
                            **private)
+        checkpoint.change(on_pick_checkpoint, [browser_id, checkpoint], classify_text, **private)
         classify_button.click(on_classify, [browser_id, image, checkpoint, classify_text], labels, **private)
         cap_button.click(on_caption, [browser_id, cap_image, cap_ckpt, cap_max, cap_beams], cap_out, **private)
         vqa_button.click(on_answer, [browser_id, vqa_image, question, vqa_ckpt, vqa_max, vqa_beams], vqa_out, **private)

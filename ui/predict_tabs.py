@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gradio as gr
 
+from mmdemo import runs
 from mmdemo.api import DEFAULT_CHECKPOINT
 from mmdemo.errors import UserInputError
 
 from .common import EXAMPLES, SHAPE_EXAMPLES, answer, browser_workspace, caption, classify, user_errors
+
+IMAGE_TEXT = "image_text_classification"  # the task whose runs read a text with the image
 
 
 @user_errors
@@ -15,6 +18,21 @@ def on_classify(browser_id, image, checkpoint, text=""):
     if image is None:
         raise UserInputError("Drop an image first (or click an example).")
     return classify(browser_workspace(browser_id), image, checkpoint or "", 5, text or "")
+
+
+def needs_text(wsp, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (a run id of the Classify list, or "" for the default) is an image + text run."""
+    if not checkpoint:  # the default checkpoint: an image-only ImageNet classifier
+        return False
+    return runs.read_config(runs.find_run(wsp, checkpoint)).get("task") == IMAGE_TEXT
+
+
+@user_errors
+def on_pick_checkpoint(browser_id, checkpoint):
+    """The Text box shows only for a checkpoint that reads a text with the image."""
+    if not browser_id:
+        return gr.skip()
+    return gr.update(visible=needs_text(browser_workspace(browser_id), checkpoint or ""))
 
 
 @user_errors
@@ -37,9 +55,9 @@ def build_classify_tab(extra=None):
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="pil", label="Image", height=320)
-                # Always shown: the checkpoint list does not say which runs are image + text ones.
-                text = gr.Textbox(label="Text (for an image + text classification run; ignored otherwise)",
-                                  placeholder="what color is the shape?", elem_id="classify-text")
+                # Shown when the checkpoint is an image + text run (on_pick_checkpoint).
+                text = gr.Textbox(label="Text (read with the image by this image + text run)",
+                                  placeholder="what color is the shape?", elem_id="classify-text", visible=False)
             labels = gr.Label(num_top_classes=5, label="Top 5", elem_id="classify-labels")
         button = gr.Button("Classify", variant="primary", elem_id="classify-button")
         gr.Examples(EXAMPLES, inputs=image)

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from mmdemo import api, runs
-from mmdemo.config import KEEP_OLD
+from mmdemo.config import CONTRASTIVE_LOSSES, KEEP_OLD
 from mmdemo.errors import UserInputError
 
 from .advice import advised_method, build_advice_section, build_baseline_comparison
@@ -24,10 +24,11 @@ def run_choices(wsp: Path, task: str | None = None, finished: bool = False) -> l
 
 @user_errors
 def on_pick_dataset(browser_id, dataset_id):
-    """The dataset's task decides the base models and methods on offer; without a GPU the user also
-    learns how long the default recipe takes on the CPU."""
+    """The dataset's task decides the base models and methods on offer and which task-specific settings
+    show (the contrastive loss: retrieval only); without a GPU the user also learns how long the default
+    recipe takes on the CPU."""
     if not browser_id or not dataset_id:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     plan = api.training_plan(browser_workspace(browser_id), dataset_id)
     task = plan["task"]
     advised = advised_method(browser_workspace(browser_id), dataset_id) if task == "classification" else None
@@ -39,7 +40,8 @@ def on_pick_dataset(browser_id, dataset_id):
                   "For long jobs use GPU hardware (on a Hugging Face Space: Settings → Hardware, a dedicated GPU; "
                   "ZeroGPU only serves inference).")
     return (gr.update(choices=BASE_MODELS[task], value=BASE_MODELS[task][0]),
-            gr.update(choices=METHODS[task], value=advised or METHODS[task][0]), notice)
+            gr.update(choices=METHODS[task], value=advised or METHODS[task][0]), notice,
+            gr.update(visible=task == "retrieval"))
 
 
 @user_errors
@@ -131,6 +133,10 @@ def build_train_tab(browser_id):
             fields = {"base_model": base_model,
                       "method": gr.Radio(METHODS["classification"], value=METHODS["classification"][0],
                                          label="Method")}
+            fields["contrastive_loss"] = gr.Radio(list(CONTRASTIVE_LOSSES), value="auto", label="Contrastive loss",
+                                                  info="retrieval: infonce (CLIP), sigmoid (SigLIP); auto: sigmoid for "
+                                                       "SigLIP models, infonce otherwise", visible=False,
+                                                  elem_id="contrastive-loss")
         with gr.Row():
             fields["epochs"] = gr.Number(0, label="Epochs (0 = default)", precision=0)
             fields["learning_rate"] = gr.Number(0, label="Learning rate (0 = default)")
