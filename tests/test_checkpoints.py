@@ -116,3 +116,20 @@ def test_a_run_where_everything_trains_checkpoints_the_whole_model(tmp_path):
     changed[0].requires_grad_(False)  # its frozen layer is not the saved model's: refused, not resumed
     with pytest.raises(RuntimeError, match="other frozen weights"):
         load_weights(changed, tmp_path / "part.safetensors", "cpu")
+
+
+def test_a_head_only_classifier_stops_and_resumes_from_its_trained_weights(tmp_path):
+    """A frozen backbone initialised from the seed (pretrained=False) is rebuilt the same on resume: the
+    checksum of its frozen weights matches and the run completes."""
+    shapes = ingest_dataset(Path(__file__).resolve().parents[1] / "assets" / "sample_shapes.zip", tmp_path / "ws").path
+    run = tmp_path / "head"
+    cfg = TrainConfig(data=shapes, output_dir=str(run), base_model="test_resnet", pretrained=False, method="head",
+                      epochs=1, batch_size=16, image_size=64)
+    _stop_after(run, 2)
+    train(cfg)
+    checkpoint = run / (run / "latest").read_text()
+    assert _weights_kind(checkpoint / "model.safetensors") == "trained-only"
+    train(cfg)
+    starts = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True]
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
