@@ -17,6 +17,8 @@ variable                       default                                    what
 ``MMDEMO_WORKSPACE_TTL_HOURS`` 72                                         idle workspaces go after this; 0 keeps them
 ``MMDEMO_CLEANUP_INTERVAL_S``  3600                                       seconds between two workspace cleanups
 ``MMDEMO_INFERENCE_DEVICE``    the GPU when there is one                  ``cpu`` keeps inference off the GPU
+``MMDEMO_PRELOAD``             on                                         ``0``: the app loads its default classifier
+                                                                          on first use, not once it serves
 ``MMDEMO_ALLOW_LOCAL_MODELS``  off                                        ``1``: the app accepts local model folders
 ``MMDEMO_STOP_GRACE_S``        30                                         seconds a child has to stop on shutdown
 ``MMDEMO_JOB_MEMORY_LIMIT``    0.8 of RAM (none with a GPU)               memory one training child may use
@@ -85,6 +87,12 @@ def cleanup_interval_s() -> float:
 def inference_on_cpu() -> bool:
     """``MMDEMO_INFERENCE_DEVICE=cpu``: inference stays on the CPU even with a GPU (kept for training)."""
     return _get("MMDEMO_INFERENCE_DEVICE").lower() == "cpu"
+
+
+def preload() -> bool:
+    """``MMDEMO_PRELOAD`` (default on): the app loads the default classifier in the background once it
+    serves, so the first classify call does not wait for torch and the model; ``0`` loads on first use."""
+    return _get("MMDEMO_PRELOAD").lower() not in ("0", "false", "no", "off")
 
 
 def job_settings(env=None) -> dict:
