@@ -1,6 +1,7 @@
 """Concurrent classify calls share one forward pass (mmdemo.batcher) and each gets its own, correct result."""
 
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_the_served_app_preloads_the_default_classifier(tmp_path, monkeypatch):
     assert settings.preload()
     monkeypatch.setenv("MMDEMO_PRELOAD", "0")
     assert not settings.preload()
+
+
+def test_status_reads_never_queue_behind_inference():
+    """Each inference endpoint has a group of its own, bounded; status reads and the page's ticks none."""
+    import app
+
+    fns = {fn.api_name: fn for fn in app.demo.fns.values()}
+    inference = [fns[name] for name in ("classify", "caption", "answer", "on_classify", "on_caption", "on_answer")]
+    status = [fns[name] for name in ("training_status", "stop_training", "list_runs", "bakeoff_status", "on_tick")]
+    assert all(fn.concurrency_limit is None for fn in status)
+    assert all(fn.concurrency_limit in (4, "default") for fn in inference)
+    assert not {fn.concurrency_id for fn in status} & {fn.concurrency_id for fn in inference}
+
+
+def test_a_training_child_leaves_a_core_to_the_server():
+    from mmdemo import settings
+
+    cores = len(os.sched_getaffinity(0))
+    assert settings.job_settings({})["threads"] == max(1, cores - 1)
+    assert settings.job_settings({"MMDEMO_TRAIN_THREADS": "3"})["threads"] == 3
