@@ -150,6 +150,14 @@ def classify(workspace: Path, image, checkpoint: str = "", top_k: int = 5, text:
     return classify_image(image, resolve_checkpoint(workspace, checkpoint), top_k, text)
 
 
+def preload_classifier() -> None:
+    """Loads and runs the offline default classifier once (mmdemo.inference.preload): a server calls it
+    in the background once it serves."""
+    from .inference import preload
+
+    preload()
+
+
 def caption(workspace: Path, image, checkpoint: str = "", max_new_tokens: int = 30, num_beams: int = 1) -> str:
     """A caption for a PIL image from a captioning run of this workspace (or a Hub id)."""
     from .inference import caption as caption_image

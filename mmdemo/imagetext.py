@@ -12,6 +12,7 @@ null embedding it was trained with).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -361,7 +362,7 @@ def classify_batch(images, texts, checkpoint, top_k: int = 5) -> list[dict[str, 
     torch = _torch()
     from .checks import shown
     from .images import resize_center_crop
-    from .inference import _lock, _on_device, load_predictor
+    from .inference import batcher, load_predictor
 
     texts = [None] * len(images) if texts is None else list(texts)
     wrong = next((t for t in texts if t is not None and not isinstance(t, str)), None)
@@ -373,14 +374,24 @@ def classify_batch(images, texts, checkpoint, top_k: int = 5) -> list[dict[str, 
                              "with the image (e.g. its question, title or caption).")
     model = load_predictor(checkpoint, TASK)
     pixels = torch.stack([resize_center_crop(image, model.preprocess.image_size) for image in images])
-    with _lock, torch.no_grad():
-        device = _on_device(model)
-        input_ids, attention_mask = model.tokenize(texts)
-        logits = model(attention_mask.to(device), images=pixels, input_ids=input_ids.to(device))
-        probs = logits.float().softmax(-1).cpu()
+    probs = batcher.submit(("image_text", model), functools.partial(_classify_pairs, model), (pixels, texts),
+                           len(texts))
     top = probs.topk(min(top_k, probs.shape[-1]))
     return [{model.labels[i]: round(float(p), 5) for p, i in zip(values, indices)}
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def _classify_pairs(model, pairs: list[tuple]) -> list:
+    """Probabilities for several callers' (uint8 images, texts) in one forward (the batcher's run function)."""
+    torch = _torch()
+    from .inference import _on_device
+
+    with torch.no_grad():
+        device = _on_device(model)
+        input_ids, attention_mask = model.tokenize([text for _, texts in pairs for text in texts])
+        logits = model(attention_mask.to(device), images=torch.cat([pixels for pixels, _ in pairs]),
+                       input_ids=input_ids.to(device))
+        return list(logits.float().softmax(-1).cpu().split([len(texts) for _, texts in pairs]))
 
 
 def checkpoint_task(checkpoint) -> str:

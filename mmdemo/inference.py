@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
 
+from .batcher import Batcher
 from .checks import int_in_range, shown
 from .config import DEFAULT_MODELS
 from .errors import UserInputError
@@ -19,7 +20,9 @@ from .runs import META_FILE, model_dir_of
 from .settings import inference_on_cpu
 from .taskspec import TASK_SPECS, task_spec
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # one forward at a time per process: torch already uses every core for one
+# Concurrent classify calls of one model wait for the running forward and then share the next one.
+batcher = Batcher(_lock)
 
 
 TAB_OF = {name: spec.tab for name, spec in TASK_SPECS.items()}
@@ -134,13 +137,27 @@ def classify_batch(images, checkpoint: str | Path | None = None, top_k: int = 5,
     clf = load_predictor(checkpoint, "classification")
     pre = clf.preprocess
     x = torch.stack([resize_center_crop(image, pre.image_size, pre.crop_pct) for image in images])
-    with _lock:  # one forward at a time per process: torch already uses every core for one
-        device = _on_device(clf)
-        x = normalize(x.to(device, non_blocking=True), pre.mean, pre.std, clf.channels_last_input)
-        probs = clf(x).float().softmax(-1).cpu()
+    probs = batcher.submit(("classify", clf), partial(_classify_rows, clf), x, len(x))
     top = probs.topk(min(top_k, probs.shape[-1]))
     return [{clf.labels[i]: round(float(p), 5) for p, i in zip(values, indices)}
             for values, indices in zip(top.values.tolist(), top.indices.tolist())]
+
+
+@torch.no_grad()
+def _classify_rows(clf: Classifier, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Probabilities for several callers' uint8 image stacks in one forward (the batcher's run function)."""
+    device = _on_device(clf)
+    pre = clf.preprocess
+    x = normalize(torch.cat(pixels).to(device, non_blocking=True), pre.mean, pre.std, clf.channels_last_input)
+    return list(clf(x).float().softmax(-1).cpu().split([len(p) for p in pixels]))
+
+
+def preload() -> None:
+    """The first classify call made ahead: torch's import, the offline default classifier's build and its
+    first forward (on a blank image), so a server's first real call does not wait for them."""
+    from PIL import Image
+
+    classify(Image.new("RGB", (224, 224)), None, 1)
 
 
 def classify(image, checkpoint: str | Path | None = None, top_k: int = 5, text: str | None = None) -> dict[str, float]:

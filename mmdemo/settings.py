@@ -17,10 +17,12 @@ variable                       default                                    what
 ``MMDEMO_WORKSPACE_TTL_HOURS`` 72                                         idle workspaces go after this; 0 keeps them
 ``MMDEMO_CLEANUP_INTERVAL_S``  3600                                       seconds between two workspace cleanups
 ``MMDEMO_INFERENCE_DEVICE``    the GPU when there is one                  ``cpu`` keeps inference off the GPU
+``MMDEMO_PRELOAD``             on                                         ``0``: the app loads its default classifier
+                                                                          on first use, not once it serves
 ``MMDEMO_ALLOW_LOCAL_MODELS``  off                                        ``1``: the app accepts local model folders
 ``MMDEMO_STOP_GRACE_S``        30                                         seconds a child has to stop on shutdown
 ``MMDEMO_JOB_MEMORY_LIMIT``    0.8 of RAM (none with a GPU)               memory one training child may use
-``MMDEMO_TRAIN_THREADS``       all cores (less one when more than 2)      CPU threads of a training child
+``MMDEMO_TRAIN_THREADS``       all cores but one (at least 1)             CPU threads of a training child
 ``MMDEMO_CHILD_NICE``,         set by the app for its children            the child's niceness and RLIMIT_DATA
 ``MMDEMO_CHILD_RLIMIT_DATA``
 =============================  =========================================  ==========================================
@@ -87,6 +89,12 @@ def inference_on_cpu() -> bool:
     return _get("MMDEMO_INFERENCE_DEVICE").lower() == "cpu"
 
 
+def preload() -> bool:
+    """``MMDEMO_PRELOAD`` (default on): the app loads the default classifier in the background once it
+    serves, so the first classify call does not wait for torch and the model; ``0`` loads on first use."""
+    return _get("MMDEMO_PRELOAD").lower() not in ("0", "false", "no", "off")
+
+
 def job_settings(env=None) -> dict:
     """The job settings from the environment, read in one place.
 
@@ -94,8 +102,10 @@ def job_settings(env=None) -> dict:
     MMDEMO_JOB_MEMORY_LIMIT: the memory one child may use: a fraction of RAM (``0.5``), megabytes
     (``4096``, ``4096mb``), gigabytes (``8gb``) or ``0`` / ``off`` for none. Default: 0.8 of RAM on the
     CPU; none where a GPU is visible, since CUDA reserves huge address ranges that a data limit may count.
-    MMDEMO_TRAIN_THREADS: CPU threads of a child (default: all cores, less one for the server when
-    there are more than two).
+    MMDEMO_TRAIN_THREADS: CPU threads of a child (default: all cores but one, which the server keeps for
+    the page and inference; 1 on one or two cores). On 2 busy cores a child with 2 threads took 3-4 steps
+    while 20 users classified, with 1 thread 18-19 (bench/RESULTS.md section 7): its threads wait for each
+    other whenever the server takes a core.
     """
     env = os.environ if env is None else env
     from .procs import DEFAULT_MEMORY_FRACTION, DEFAULT_STOP_GRACE_S, gpu_visible, parse_memory_limit, total_memory_bytes
@@ -107,7 +117,7 @@ def job_settings(env=None) -> dict:
     threads = env.get("MMDEMO_TRAIN_THREADS", "").strip()
     return {"stop_grace_s": float(env.get("MMDEMO_STOP_GRACE_S", "") or DEFAULT_STOP_GRACE_S),
             "memory_limit": limit,
-            "threads": max(1, int(threads)) if threads else (cores - 1 if cores > 2 else cores)}
+            "threads": max(1, int(threads)) if threads else max(1, cores - 1)}
 
 
 def child_limits() -> tuple[str, str]:

@@ -117,5 +117,18 @@ def on_gpu(fn):
     return spaces.GPU(fn)
 
 
+def preload() -> None:
+    """The default classifier loaded and run once, in the background (see ui.lifecycle.serve); not on
+    ZeroGPU, where a GPU is lent per call. A failure is logged: the first call then loads it."""
+    import importlib.util
+
+    if importlib.util.find_spec("spaces") is not None:
+        return
+    try:
+        api.preload_classifier()
+    except Exception:  # noqa: BLE001 - a warm-up must never take the server down
+        log.exception("Preloading the default classifier failed")
+
+
 # mmdemo.api's inference calls as the tabs and endpoints make them
 classify, caption, answer = on_gpu(api.classify), on_gpu(api.caption), on_gpu(api.answer)

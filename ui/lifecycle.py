@@ -1,13 +1,18 @@
 """Serving the app so that its training children end with it: on SIGTERM / SIGINT each child is asked
 to stop at its next step boundary (it writes a checkpoint) and given MMDEMO_STOP_GRACE_S seconds before
-it is killed, while the server closes."""
+it is killed, while the server closes. Once it serves, the default classifier loads in the background
+(MMDEMO_PRELOAD)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
+from mmdemo import settings
+
 from . import common
+
+PRELOAD_DELAY_S = 2.0
 
 
 def serve(demo, **launch_kwargs) -> None:
@@ -18,6 +23,10 @@ def serve(demo, **launch_kwargs) -> None:
     installs no handlers. With SSR, gradio installs its own handlers for its Node server at launch: so
     these are installed after launch and hand over to those once the jobs are stopped."""
     demo.launch(prevent_thread_lock=True, **launch_kwargs)
+    if settings.preload():  # after a first page has had time to serve without waiting for torch's import
+        preloading = threading.Timer(PRELOAD_DELAY_S, common.preload)
+        preloading.daemon = True
+        preloading.start()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     # The children are asked to stop at once, while the server closes (which takes seconds): a run
     # near its end must not finish unasked, and the grace counts from the signal.
