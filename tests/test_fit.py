@@ -3,6 +3,7 @@ the dry run and the micro-batch it picks, out-of-memory recovery mid-run, the st
 the pre-launch VRAM check, and the job manager's launch of several processes."""
 
 import json
+import socket
 import sys
 import time
 from dataclasses import replace
@@ -130,6 +131,18 @@ def wait_for(run_dir, manager, done, timeout=240):
             return snap
         time.sleep(0.2)
     raise AssertionError(f"timed out: {snap} {(run_dir / 'train.log').read_text()[-2000:]}")
+
+
+def test_each_multi_process_launch_gets_a_free_rendezvous_port_of_its_own(tmp_path):
+    (tmp_path / "c.yaml").write_text("num_processes: 2\n")
+    commands = [train_command(tmp_path / "c.yaml", gpus=g) for g in (0, 0, 2, 2)]
+    flags = ["--master_port"] * 2 + ["--main_process_port"] * 2  # torchrun on the CPU, accelerate on GPUs
+    ports = [int(c[c.index(flag) + 1]) for c, flag in zip(commands, flags)]
+    assert len(set(ports)) == 4, ports
+    for port in ports:  # free: nothing holds it, so this launch can bind it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert "--standalone" not in commands[0] and commands[0][commands[0].index("--master_addr") + 1] == "127.0.0.1"
 
 
 def test_the_job_manager_trains_two_processes_and_stops_and_resumes_them(dataset, tmp_path):
