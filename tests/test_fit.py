@@ -169,6 +169,11 @@ def test_the_pre_launch_check_sets_the_gpu_part_against_the_device(dataset, tmp_
     assert "One pass would fit with batch_size 16" in warning
     assert vram_warning(replace(cfg, batch_size=16), 24) == ""
     assert vram_warning(replace(cfg, extra={}), 24) == ""  # no GPU here, none simulated: nothing to say
+    # batch_size 0 (full's 16): fitting it is the plan, said without the red mark.
+    auto = check_memory(cfg_for(dataset, tmp_path / "a", {"budget_mb": 30, "per_sample_mb": 1}, method="full",
+                                batch_size=0), 24)
+    assert auto.startswith("Automatic batch size: the method's batch of 16 needs about") and "🔴" not in auto
+    assert "largest micro-batches that fit" in auto and "One pass would fit with batch_size 8" in auto
 
 
 def wait_for(run_dir, manager, done, timeout=240):
