@@ -179,7 +179,9 @@ def vram_warning(cfg, num_images: int, est: dict | None = None) -> str:
     if need <= free:
         return ""
     fits = _what_fits(cfg, num_images, free, "One pass would fit with", lambda e: device_need(e, simulated))
-    if (cfg.extra or {}).get("auto_batch"):  # batch_size 0: fitting the method's batch is the plan
+    from .config import AUTO_BATCH
+
+    if (cfg.extra or {}).get(AUTO_BATCH):  # batch_size 0: fitting the method's batch is the plan
         return (f"Automatic batch size: the method's batch of {cfg.batch_size} needs about {_gb(need)} of GPU memory "
                 f"at image_size {est['image_size']} and {name} has {_gb(free)} free, so it will train in the largest "
                 f"micro-batches that fit, measured before the first step (same effective batch). {fits}")
