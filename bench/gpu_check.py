@@ -192,18 +192,24 @@ def auto_batch(work: Path, dataset: str, smoke: bool) -> None:
     from mmdemo.config import TrainConfig
     from mmdemo.training import train
 
-    run = work / "auto-batch"
-    if smoke:  # 20 MB + 10 MB per sample on a 60 MB device: batch 64 trains as micro-batches of 3
-        kw = dict(base_model="test_resnet", pretrained=False, image_size=64, batch_size=64,
-                  extra={"simulated_device": {"budget_mb": 60, "base_mb": 20, "per_sample_mb": 10}})
-    else:  # ViT-B/16 full at 384 px: a batch of 4096 does not fit any GPU made today
-        kw = dict(base_model="vit_base_patch16_224", pretrained=False, image_size=384, batch_size=4096)
-    train(TrainConfig(data=dataset, output_dir=str(run), max_steps=1, epochs=1, checkpoint_every_minutes=0, **kw))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    fit = next(r for r in records if r["type"] == "fit")
-    emit("auto_micro_batch", fit["micro_batch"], "images", pieces=fit["pieces"], probes=fit["probes"],
-         peak_bytes=fit["peak_bytes"], capacity_bytes=fit["capacity_bytes"], device=fit["device"],
-         eta_s=fit["eta_s"], batch_size=kw["batch_size"], model=kw["base_model"], image_size=kw["image_size"])
+    # batch 64 / 4096 (too big: the search), then batch_size 0 (the automatic batch: the method's default).
+    for name, batch_size in (("auto_micro_batch", 64 if smoke else 4096), ("auto_batch_zero", 0)):
+        run = work / name
+        if smoke:  # 20 MB + 10 MB per sample in 60 MB, less full's optimizer states: micro-batches of 2
+            kw = dict(base_model="test_resnet", pretrained=False, image_size=64, batch_size=batch_size,
+                      extra={"simulated_device": {"budget_mb": 60, "base_mb": 20, "per_sample_mb": 10}})
+        else:  # ViT-B/16 full at 384 px: a batch of 4096 does not fit any GPU made today
+            kw = dict(base_model="vit_base_patch16_224", pretrained=False, image_size=384, batch_size=batch_size)
+        cfg = TrainConfig(data=dataset, output_dir=str(run), max_steps=1, epochs=1, checkpoint_every_minutes=0,
+                          method="full", **kw)
+        train(cfg)
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        fit = next(r for r in records if r["type"] == "fit")
+        if fit["auto"] != (batch_size == 0) or fit["micro_batch"] * fit["pieces"] < cfg.batch_size:
+            raise AssertionError(f"{name}: the fit record does not keep the batch of {cfg.batch_size}: {fit}")
+        emit(name, fit["micro_batch"], "images", pieces=fit["pieces"], probes=fit["probes"], auto=fit["auto"],
+             peak_bytes=fit["peak_bytes"], capacity_bytes=fit["capacity_bytes"], device=fit["device"],
+             eta_s=fit["eta_s"], batch_size=cfg.batch_size, model=kw["base_model"], image_size=kw["image_size"])
 
 
 # --- 3. throughput ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from .config import TASKS
@@ -129,14 +130,14 @@ def _run_train(args) -> int:
     # Under torchrun only rank 0 speaks; the others' output would repeat it.
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
     printer = TrainingPrinter("json" if args.json else "quiet" if quiet else "bar")
-    cfg = None
+    cfg, started = None, time.time()
     try:
         cfg = _config_from_args(args)
         stop.watch(Path(cfg.output_dir))
         result = train(cfg, on_record=printer)
     except BaseException as e:  # noqa: BLE001 - every failure must reach status.json
         printer.close()
-        if cfg is not None and isinstance(e, Exception):
+        if cfg is not None and isinstance(e, Exception) and not _peer_failed_first(Path(cfg.output_dir), started):
             write_status(Path(cfg.output_dir), "failed", message=_failure_message(e, Path(cfg.output_dir)))
         if isinstance(e, UserInputError):
             print(f"error: {cli_wording(str(e))}", file=sys.stderr)
@@ -149,6 +150,17 @@ def _run_train(args) -> int:
                      message=f"Stopped by a termination signal (the app shutting down). {resume_advice(run_dir)}")
     printer.summary(result, cfg.output_dir, status)
     return 0
+
+
+def _peer_failed_first(run_dir: Path, started: float) -> bool:
+    """Whether another process of this multi-process launch already wrote its failure (the cause, e.g. an
+    out-of-memory stop): this one's own error is then its consequence (a collective whose peer is gone)."""
+    from .runs import read_status_file
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    status = read_status_file(run_dir)
+    return status.get("status") == "failed" and status.get("updated", 0) >= started
 
 
 def _quiet_datasets() -> None:

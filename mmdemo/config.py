@@ -56,6 +56,10 @@ def auto_epochs(num_rows: int, batch_size: int) -> int:
     return max(2, min(40, -(-TEXT_TARGET_STEPS // steps_per_epoch)))
 
 
+# extra's key for a batch_size left at 0: the method's default batch, trained in the micro-batches that fit.
+AUTO_BATCH = "auto_batch"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; 0 / "" fields take the method's default.
@@ -75,7 +79,8 @@ class TrainConfig:
     epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default; "
                                                      "recipe lp-ft: from the dataset's size)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
-    batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default)"})
+    batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default; on a GPU "
+                                                         "trained in the largest micro-batches that fit)"})
     image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; recipe "
                                                          "lp-ft: from the images' resolution, 96 px up to the model's own)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default; recipe "
@@ -139,6 +144,10 @@ class TrainConfig:
             set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
         if not self.learning_rate and self.recipe == "lp-ft":
             set_(self, "learning_rate", LP_FT_LEARNING_RATE)
+        if not self.batch_size:  # kept with the run: on a GPU the child fits the default batch to the device
+            set_(self, "extra", {**self.extra, AUTO_BATCH: True})
+        elif self.extra.get(AUTO_BATCH) and self.batch_size != defaults["batch_size"]:  # a batch given since
+            set_(self, "extra", {k: v for k, v in self.extra.items() if k != AUTO_BATCH})
         for name in ("learning_rate", "epochs", "batch_size"):
             if not getattr(self, name):
                 set_(self, name, defaults[name])

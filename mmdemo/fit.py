@@ -5,7 +5,9 @@ forward / backward passes of its own model on its own data give the peak memory 
 the configured batch does not fit in the device's memory with a margin, a binary search with real steps
 (as Ultralytics' AutoBatch) finds the largest micro-batch that does, and each batch is then trained in
 that many pieces: the effective batch, the data order and the step count stay what the config says (the
-pieces are gradient accumulation inside one step). The same measurement gives the ETA.
+pieces are gradient accumulation inside one step). The same measurement gives the ETA. A batch_size of 0
+(config extra ``auto_batch``) is the method's default batch fitted the same way (``AUTO_RULE``): a plan
+rather than a warning, said so in the fit record and its message.
 
 A ``torch.OutOfMemoryError`` mid-run (fragmentation, a longer text batch, another process taking memory)
 frees what the failed step held, halves the micro-batch (doubles the pieces) and redoes that batch; after
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from contextlib import nullcontext
 
@@ -32,6 +35,11 @@ MB = 2**20
 # longer batches than the probe's (text) need the rest.
 MARGIN = 0.85
 MAX_HALVINGS = 3
+# batch_size 0: the method's default batch is the effective batch, in micro-batches of the largest size that
+# fits (at most that batch): the learning rate and schedule were tuned for it, and a bigger batch than that
+# would change the training (fewer steps, another effective learning rate), not just its speed.
+AUTO_RULE = ("effective batch = the method's default batch; micro-batch = the largest that fits (binary search "
+             "with real steps), at most that batch; the rest by gradient accumulation")
 PROBE_REPEATS = 2  # the first pass pays for lazy initialisation (cuDNN autotuning, kernels): time the second
 
 
@@ -84,24 +92,29 @@ class SimulatedDevice:
     """A device of ``budget`` bytes on the CPU: each forward pass with gradients of the model it is
     attached to holds ``base + per_sample x batch`` bytes, and one past the budget raises
     ``torch.OutOfMemoryError`` as CUDA's allocator does. ``fail_at`` forces an error at those forward
-    passes (counted from 1), as a fragmented GPU gives one mid-run."""
+    passes (counted from 1), as a fragmented GPU gives one mid-run; with ``fail_rank`` only in that
+    process of a multi-process run (RANK)."""
 
     simulated = True
 
-    def __init__(self, budget: int, base: int, per_sample: int, fail_at=()):
+    def __init__(self, budget: int, base: int, per_sample: int, fail_at=(), fail_rank: int | None = None):
         self.budget, self.base, self.per_sample = int(budget), int(base), int(per_sample)
-        self.fail_at, self.calls = set(fail_at), 0
+        mine = fail_rank is None or int(os.environ.get("RANK", "0")) == fail_rank
+        self.fail_at, self.calls = set(fail_at) if mine else set(), 0
         self.name = f"simulated device ({budget / 2**30:.2f} GiB)"
         self._peak = 0
 
     @classmethod
     def from_config(cls, values: dict) -> "SimulatedDevice":
         try:
+            rank = values.get("fail_rank")
             return cls(float(values["budget_mb"]) * MB, float(values.get("base_mb", 0)) * MB,
-                       float(values["per_sample_mb"]) * MB, [int(v) for v in values.get("fail_at", ())])
+                       float(values["per_sample_mb"]) * MB, [int(v) for v in values.get("fail_at", ())],
+                       None if rank is None else int(rank))
         except (KeyError, TypeError, ValueError):
             raise UserInputError("extra.simulated_device needs budget_mb and per_sample_mb (numbers), and "
-                                 "optionally base_mb and fail_at (a list of forward-pass numbers)") from None
+                                 "optionally base_mb, fail_at (a list of forward-pass numbers) and fail_rank "
+                                 "(the process that fails)") from None
 
     def capacity(self) -> int:
         return self.budget
@@ -236,12 +249,18 @@ class Fitter:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         micro = math.ceil(batch_length(batch) / self.pieces)
-        if self.halvings >= MAX_HALVINGS or micro <= 1 or self.acc.num_processes > 1:
-            # Several processes would have to agree on the new size mid-step (a collective that the
-            # failed one never reaches): the run stops instead.
+        many = self.acc.num_processes > 1
+        if self.halvings >= MAX_HALVINGS or micro <= 1 or many:
+            # Several processes cannot agree on a new size mid-step: the others already wait in the step's
+            # gradient all-reduce, a collective the failed one never reaches. The run stops instead.
+            suggested = max(1, micro // 2)
             why = (f"after {self.halvings} halvings of the micro-batch (now {micro})" if self.halvings
-                   else "on a micro-batch of 1" if micro <= 1 else "in a run of several processes")
-            self.on_event({"type": "oom", "step": step, "action": "stop", "error": error})
+                   else "on a micro-batch of 1" if micro <= 1 else
+                   f"in process {self.acc.process_index} of {self.acc.num_processes} on a micro-batch of {micro}: "
+                   "the processes of a multi-process run cannot halve their micro-batches together mid-step, so "
+                   f"it stopped. Start a new run with batch_size {suggested}")
+            self.on_event({"type": "oom", "step": step, "action": "stop", "error": error, "micro_batch": micro,
+                           "suggested_batch_size": suggested, "process": self.acc.process_index})
             raise OutOfDeviceMemory(f"{oom_advice()} (It ran out {why}.)")
         self.pieces *= 2
         self.halvings += 1
@@ -250,10 +269,12 @@ class Fitter:
 
     # Planning before the first step -----------------------------------------------------------
 
-    def plan(self, model, sample_batch, batch_size: int, total_steps: int, trainable: int) -> dict | None:
+    def plan(self, model, sample_batch, batch_size: int, total_steps: int, trainable: int,
+             auto: bool = False) -> dict | None:
         """Measures real steps on ``sample_batch(n)`` (a batch of n training samples on the device) and
         sets ``pieces`` so that the micro-batch fits: the configured batch when it does, else the largest
-        that fits (binary search). Returns the fit record (also passed to on_event), or None without a
+        that fits (binary search). ``auto``: the batch is the method's default (batch_size 0), and fitting
+        it is the plan, not a warning. Returns the fit record (also passed to on_event), or None without a
         device memory to fit."""
         if self.memory is None:
             return None
@@ -291,7 +312,9 @@ class Fitter:
                   "capacity_bytes": capacity, "peak_bytes": timing["peak"] + states,
                   "batch_size": batch_size, "micro_batch": micro, "pieces": self.pieces,
                   "step_s": round(step_s, 6), "eta_s": round(step_s * total_steps, 3),
-                  "probes": sorted(measured)}
+                  "probes": sorted(measured), "auto": bool(auto)}
+        if auto:
+            record["rule"] = AUTO_RULE
         record["message"] = fit_message(record)
         self.on_event(record)
         return record
@@ -335,6 +358,12 @@ def fit_message(record: dict) -> str:
 
     where = f"about {_gib(record['peak_bytes'])} of the {_gib(record['capacity_bytes'])} free on {record['device']}"
     eta = format_duration(record["eta_s"])
+    if record.get("auto"):
+        how = ("in one pass" if record["pieces"] == 1 else f"as {record['pieces']} micro-batches of "
+               f"{record['micro_batch']}, the largest that fits in {_gib(MARGIN * record['capacity_bytes'])} (with "
+               "a margin), its gradients accumulated")
+        return (f"Automatic batch size: the method's batch of {record['batch_size']} trains {how} on "
+                f"{record['device']} ({where}); training steps take about {eta}.")
     if record["pieces"] == 1:
         return f"Fits: {where}, batch {record['batch_size']}; training steps take about {eta}."
     return (f"batch_size {record['batch_size']} does not fit in {_gib(MARGIN * record['capacity_bytes'])} "
@@ -352,6 +381,7 @@ def fitter_for_run(acc, task, model, optimizer, cfg, total_steps: int, trainable
     known; plans and recoveries go to metrics.jsonl and, from the main process, to status.json."""
     from accelerate.utils import send_to_device
 
+    from .config import AUTO_BATCH
     from .runs import write_status
 
     def on_event(record: dict) -> None:
@@ -360,7 +390,7 @@ def fitter_for_run(acc, task, model, optimizer, cfg, total_steps: int, trainable
             return
         if record["type"] == "fit" and "message" in record:
             write_status(run_dir, "running", fit=record, fit_message=record["message"],
-                         fit_warning="" if record["fits"] else record["message"])
+                         fit_warning="" if record["fits"] or record["auto"] else record["message"])
         elif record["type"] == "oom" and record["action"] == "halved":
             write_status(run_dir, "running", message=(
                 f"Ran out of GPU memory at step {record['step']}: continuing with micro-batches of "
@@ -372,5 +402,5 @@ def fitter_for_run(acc, task, model, optimizer, cfg, total_steps: int, trainable
         return send_to_device(collate(items), acc.device)
 
     fitter = Fitter(acc, task, optimizer, device_memory(cfg, acc.device), on_event)
-    fitter.plan(model, sample_batch, cfg.batch_size, total_steps, trainable)
+    fitter.plan(model, sample_batch, cfg.batch_size, total_steps, trainable, auto=bool(cfg.extra.get(AUTO_BATCH)))
     return fitter

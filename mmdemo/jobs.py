@@ -132,7 +132,8 @@ def _launch(run_dir: Path) -> subprocess.Popen:
 def train_command(config_path: Path, gpus: int | None = None) -> list[str]:
     """The child's command: ``python -m mmdemo train --config RUN/config.yaml`` for one process; for
     several (config ``num_processes``, 0 = one per visible GPU) the same module under ``accelerate launch
-    --multi_gpu`` (DDP) on GPUs, or under ``torchrun`` on the CPU (where accelerate launch starts one)."""
+    --multi_gpu`` (DDP) on GPUs, or under ``torchrun`` on the CPU (where accelerate launch starts one),
+    each launch with a rendezvous port of its own (free now), so that two runs at once never clash on one."""
     import yaml
 
     train = ["-m", "mmdemo", "train", "--config", str(config_path)]
@@ -144,10 +145,12 @@ def train_command(config_path: Path, gpus: int | None = None) -> list[str]:
     n = wanted or max(1, gpus)
     if n == 1:
         return [sys.executable, *train]
+    port = str(procs.free_port())
     if gpus:
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-                "--module", *train[1:]]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *train]
+                "--main_process_port", port, "--module", *train[1:]]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+            "--master_addr", "127.0.0.1", "--master_port", port, *train]
 
 
 def child_alive(run_dir: Path, status: dict) -> bool:

@@ -182,6 +182,12 @@ def vram_warning(cfg, num_images: int, est: dict | None = None) -> str:
     if need <= free:
         return ""
     fits = _what_fits(cfg, num_images, free, "One pass would fit with", lambda e: device_need(e, simulated))
+    from .config import AUTO_BATCH
+
+    if (cfg.extra or {}).get(AUTO_BATCH):  # batch_size 0: fitting the method's batch is the plan
+        return (f"Automatic batch size: the method's batch of {cfg.batch_size} needs about {_gb(need)} of GPU memory "
+                f"at image_size {est['image_size']} and {name} has {_gb(free)} free, so it will train in the largest "
+                f"micro-batches that fit, measured before the first step (same effective batch). {fits}")
     return (f"🔴 Will not fit: this run needs about {_gb(need)} of GPU memory (batch_size {cfg.batch_size} at "
             f"image_size {est['image_size']}) and {name} has {_gb(free)} free. It will train each batch in "
             f"smaller micro-batches (same effective batch, slower). {fits}")

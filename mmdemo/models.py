@@ -199,10 +199,11 @@ class TimmFamily(ClassifierFamily):
                                   mean=tuple(pre.mean), std=tuple(pre.std), crop_pct=pre.crop_pct,
                                   crop_mode="center", num_classes=len(clf.labels))
         save_for_hf(net, model_dir, model_config={"label_names": clf.labels}, safe_serialization=True)
-        # transformers' timm wrapper rejects config.json's model_args ("multiple values for num_classes").
+        # model_args rebuild the saved shapes (a ViT's img_size: its position embedding) so that the weights
+        # load strictly; transformers' timm wrapper passes num_classes itself ("multiple values" otherwise).
         config = _read_json(model_dir / "config.json")
-        config.pop("model_args", None)
-        (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+        args = {k: v for k, v in config.pop("model_args", {}).items() if k != "num_classes"}
+        (model_dir / "config.json").write_text(json.dumps({**config, **({"model_args": args} if args else {})}, indent=2))
 
     @staticmethod
     def logits(net, pixel_values):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import time
+from collections import deque
 from pathlib import Path
 
 # The child writes a checkpoint and exits within this many seconds of a SIGTERM before it is killed.
@@ -133,6 +135,23 @@ def is_training_child(pid, start_time, config_path) -> bool:
     except OSError:
         return False
     return _runs_train(argv, Path(config_path))
+
+
+# The ports handed out lately: a launch started a moment ago may not have bound its port yet.
+_RECENT_PORTS: deque[int] = deque(maxlen=64)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (bound to port 0, read, released) and none of the last ones this
+    process handed out: the rendezvous port of one multi-process launch, so that two runs never share one."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            break
+    _RECENT_PORTS.append(port)
+    return port
 
 
 def _runs_train(argv: list[str], config_path: Path) -> bool:

@@ -86,8 +86,8 @@ def test_added_method_trains_only_its_modules_and_reloads_equal(tmp_path, method
     assert (tmp_path / "model" / "adapter" / "added.safetensors").is_file()
     reloaded = load_classifier(tmp_path / "model")
     assert sum(p.numel() for n, p in reloaded.named_parameters() if ".extra." in n) == added
-    # (1e-3: timm reloads a ViT saved at 160 px at its 224 px default, its position embedding resampled)
-    torch.testing.assert_close(outputs(reloaded), expected, atol=1e-3, rtol=1e-3)
+    # config.json's model_args rebuild the ViT at its own size: the position embedding is not resampled
+    torch.testing.assert_close(outputs(reloaded), expected, atol=1e-5, rtol=1e-5)
     # Not mergeable: the timm folder alone is the base network with the trained head, which differs.
     import timm
 

@@ -75,9 +75,10 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
         if (run_dir / "confusion_matrix.png").is_file():
             lines += ["![confusion matrix](confusion_matrix.png)", ""]
         if task == "classification":
-            lines += _card_usage(repo, family, adapter, model_dir, len(meta.get("id2label", {})))
-            if meta.get("added_modules"):
-                lines += [_ADDED_NOTE.format(method=meta["added_modules"]["method"]), ""]
+            if meta.get("added_modules"):  # the plain loaders would give other predictions: say so first
+                lines += _added_usage(repo, meta["added_modules"]["method"])
+            lines += _card_usage(repo, family, adapter, model_dir, len(meta.get("id2label", {})),
+                                 heading=not meta.get("added_modules"))
         else:
             lines += _fused_usage(repo, meta, report)
     else:
@@ -152,8 +153,9 @@ def _card_metrics(report: dict) -> list[str]:
                     for c, m in report.get("per_class", {}).items()] + [""]
 
 
-def _card_usage(repo_id: str, family: str, adapter: bool, model_dir: Path, num_labels: int) -> list[str]:
-    lines = ["## Use it", "", "```python", "from transformers import pipeline", "",
+def _card_usage(repo_id: str, family: str, adapter: bool, model_dir: Path, num_labels: int,
+                heading: bool = True) -> list[str]:
+    lines = ["## Use it", ""] * heading + ["```python", "from transformers import pipeline", "",
              f'pipe = pipeline("image-classification", model="{repo_id}")', 'print(pipe("image.jpg"))', "```", ""]
     if family == "timm":
         lines += ["```python", "import timm", "", f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
@@ -168,9 +170,19 @@ def _card_usage(repo_id: str, family: str, adapter: bool, model_dir: Path, num_l
     return lines
 
 
-_ADDED_NOTE = ("Trained with `{method}` (mmdemo.peft_methods), which cannot be merged: the top-level weights are "
-               "the base network with its trained head, and `adapter/added.safetensors` holds the added modules, "
-               "which `mmdemo.models.load_classifier` puts back (the loaders above give the network without them).")
+def _added_usage(repo_id: str, method: str) -> list[str]:
+    """The card's warning for a method that adds modules timm and transformers cannot express."""
+    return ["## Use it", "", _ADDED_NOTE.format(method=method), "", "```python",
+            "from huggingface_hub import snapshot_download", "from mmdemo.models import load_classifier", "",
+            f'model = load_classifier(snapshot_download("{repo_id}")).eval()  # the network with its {method} modules',
+            "```", "", "Without them (the base network and its trained head only; **not** this model's predictions):", ""]
+
+
+_ADDED_NOTE = ("**Trained with `{method}`, which adds modules that timm and transformers cannot express and that "
+               "cannot be merged into the weights.** The top-level weights are the base network with its trained head "
+               "only: `timm.create_model` and the `image-classification` pipeline load them, but they do **not** "
+               "reproduce this model's predictions. `adapter/added.safetensors` holds the added modules and "
+               "`adapter/mmdemo_added.json` where they go; mmdemo puts them back:")
 _ADAPTER_NOTE = ("`adapter/` holds the peft adapter (LoRA, DoRA, IA3, LoHa, LoKr or OFT); the top-level weights are that adapter merged into the "
                  "base model, so they load without peft.")
 

@@ -21,11 +21,11 @@ def add_cli_commands(subparsers) -> None:
     visibility.add_argument("--private", dest="private", action="store_true", default=True, help="(the default)")
     visibility.add_argument("--public", dest="private", action="store_false", help="make a new repo public")
     p.add_argument("--token", default="", help=token_help)
-    p.add_argument("--merged", action="store_true", help="LoRA runs: the merged model only, no adapter/")
+    p.add_argument("--merged", action="store_true", help="peft runs (lora, dora, ...): the merged model only, no adapter/ (refused for adapter / vpt)")
     e = subparsers.add_parser("export", help="write the files `push` would upload into a folder, offline")
     e.add_argument("run_dir")
     e.add_argument("out_dir")
-    e.add_argument("--merged", action="store_true", help="LoRA runs: the merged model only, no adapter/")
+    e.add_argument("--merged", action="store_true", help="peft runs (lora, dora, ...): the merged model only, no adapter/ (refused for adapter / vpt)")
     s = subparsers.add_parser("space", help="deploy this app as a Hugging Face Space")
     d = s.add_subparsers(dest="space_command", required=True).add_parser(
         "deploy", help="create or update a Gradio Space running this app (settings: Space.yaml)")

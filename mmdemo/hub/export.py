@@ -24,13 +24,19 @@ def export_run(run_dir, out_dir, *, repo_id: str | None = None, merged: bool = F
         run_dir: a finished (or stopped) run directory.
         out_dir: a new or empty folder.
         repo_id: the repo named in the card's usage snippets (default: a placeholder).
-        merged: LoRA runs: leave out ``adapter/`` (the merged model is always at the top level).
+        merged: LoRA runs: leave out ``adapter/`` (the merged model is always at the top level); refused for
+            the methods whose added modules cannot merge (adapter, vpt).
 
     Returns:
         The written files, relative to ``out_dir``, sorted.
     """
     run_dir, out = Path(run_dir), Path(out_dir)
     model_dir, meta, cfg = read_run(run_dir)
+    if merged and meta.get("added_modules"):
+        method = meta["added_modules"]["method"]
+        raise UserInputError(f"This run was trained with '{method}', whose added modules cannot be merged into the "
+                             f"weights (timm and transformers have no place for them): export it without --merged "
+                             f"(merged=False); adapter/ then holds them, and the model card says how to load them.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"'{out.name}' already exists and is not empty; export into a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
