@@ -122,18 +122,24 @@ def distill(workspace: Path, teacher: str, student: str = "", *, dataset_id: str
     if not teacher_dir.is_absolute():
         raise UserInputError("teacher must be a finished classification run of yours (its run id).")
     dataset_id = dataset_id or Path(read_config(teacher_dir).get("data", "")).name
+    dataset_dir = find_dataset(workspace, dataset_id)
     params = dict(form_params(params), base_model=student or "efficientnet_lite0")
+    # Everything the distilled run needs is checked before the student alone is queued.
+    jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name, **params)
+    if images:
+        params["distill_images"] = prepare_images(images, Path(workspace) / "unlabelled" / uuid.uuid4().hex)
     baseline_id = None
     if baseline is True:
-        baseline_id = start(workspace, dataset_id, manager=manager, **params)
+        baseline_id = start(workspace, dataset_id, manager=manager, **params_without(params, "distill_images"))
         params["distill_baseline"] = baseline_id
     elif baseline:
         params["distill_baseline"] = str(baseline)
-    if images:
-        params["distill_images"] = prepare_images(images, Path(workspace) / "unlabelled" / uuid.uuid4().hex)
-    dataset_dir = find_dataset(workspace, dataset_id)
     cfg = jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name, **params)
     return {"run_id": jobs.start_training(cfg, manager), "baseline_run_id": baseline_id}
+
+
+def params_without(params: dict, *names: str) -> dict:
+    return {k: v for k, v in params.items() if k not in names}
 
 
 def distill_report(workspace: Path, run_id: str) -> dict:

@@ -152,3 +152,14 @@ def test_cli_distill_refuses_a_folder_that_is_no_run_and_a_dataset_with_other_la
         done = subprocess.run([sys.executable, "-m", "mmdemo", "distill", *args], capture_output=True, text=True,
                               env=env, timeout=120)
         assert done.returncode == 2 and message in done.stderr and not done.stdout, done.stderr[-800:]
+
+
+def test_the_app_distill_endpoint_refuses_a_run_that_is_not_yours(app_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="Unknown run id"):
+        client.predict("f" * 32, api_name="/distill")
+    with pytest.raises(AppError, match="teacher must be a run id of yours"):
+        client.predict("/etc", api_name="/distill")
