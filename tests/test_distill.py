@@ -105,6 +105,10 @@ def test_a_teacher_run_distils_into_a_student_through_the_child(teacher_run, tmp
     agreement = sum(a == b for a, b in zip(t_pred, s_pred)) / len(t_pred)
     assert agreement > chance + 0.2, (agreement, chance)
     assert (run_dir / "distill.png").stat().st_size > 1000
+    # The export names no local run: teacher and unlabelled images are this machine's.
+    files = api.export(wsp, out["run_id"], tmp_path / "export")
+    text = "".join((tmp_path / "export" / f).read_text() for f in files if f.endswith((".md", ".yaml", ".json")))
+    assert str(teacher) not in text and "teacher: ''" in (tmp_path / "export" / "training_config.yaml").read_text()
 
 
 def test_a_teacher_with_other_labels_or_not_your_own_is_refused(teacher_run, tmp_path):
@@ -123,13 +127,17 @@ def test_a_teacher_with_other_labels_or_not_your_own_is_refused(teacher_run, tmp
 
 
 @pytest.mark.parametrize("name,side", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
-def test_lite1_lite2_load_their_packages_weights_and_know_a_cat(name, side):
+def test_lite1_lite2_load_their_packages_weights_and_know_a_cat(name, side, tmp_path):
+    import timm
     from timm.data import ImageNetInfo
 
-    from mmdemo.models import _build_default, build_classifier
+    from mmdemo.models import _build_default, build_classifier, save_classifier
 
     clf, _ = build_classifier(name, ["a", "b"], pretrained=False)
     assert clf.preprocess.image_size == side and clf.base_model == name
+    save_classifier(clf, tmp_path / "model")  # what export / push publish: a timm folder
+    again = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+    assert again.num_classes == 2 and again.pretrained_cfg["input_size"][-1] == side
     info = ImageNetInfo()
     net = _build_default([info.index_to_description(i) for i in range(1000)], True, keep_head=True, variant=name)
     x = resize_center_crop(Image.open(ROOT / "assets/examples/cat.jpg"), side)[None]
