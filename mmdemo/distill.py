@@ -267,7 +267,6 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
 def refresh_report(run_dir: Path) -> dict:
     """A distilled run's ``distill`` section with a baseline that was pending when the run ended measured now
     (eval.json and the plot updated); the section as it is otherwise ({} for a run that did not distil)."""
-    from .models import count_parameters
     from .runs import read_config, write_json_atomic
 
     run_dir = Path(run_dir)
@@ -276,6 +275,8 @@ def refresh_report(run_dir: Path) -> dict:
     pending = [i for i, row in enumerate(info.get("rows", [])) if row.get("note")]
     baseline = read_config(run_dir).get("distill_baseline")
     if pending and baseline:
+        from .models import count_parameters  # torch: only when there is a model to measure
+
         row = baseline_row(baseline, count_parameters)
         if not row.get("note"):
             info["rows"][pending[0]] = row

@@ -46,6 +46,7 @@ class ClassificationTask:
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
                                      hflip=self.hflip, images=images)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
+        self.labelled_ds = self.train_ds
         self.collate = None
         self.channels_last = self.model.channels_last_input
         # A continued run keeps what its base knew (rehearsal memory / distillation), by cfg.keep_old.
@@ -73,7 +74,8 @@ class ClassificationTask:
             head = None
         if not isinstance(head, torch.nn.Linear):
             return {}  # a head of another shape (a continued run's, a custom one) trains with the rest
-        return fit_head(inner, head, self.train_ds.pixels, self.train_ds.labels, self.image_size,
+        labelled = self.labelled_ds  # without the unlabelled images a distilled run may add
+        return fit_head(inner, head, labelled.pixels, labelled.labels, self.image_size,
                         self._logits, batch_size=self.batch_size)
 
     def _logits(self, model, x):
