@@ -117,6 +117,10 @@ def test_a_teacher_with_other_labels_or_not_your_own_is_refused(teacher_run, tmp
     with pytest.raises(UserInputError, match=r"teacher's labels \(circle, square, triangle\) are not the dataset's.*"
                                              r"the teacher lacks star"):
         api.start(wsp, other.dataset_id, teacher=teacher.name)
+    before = set((wsp / "runs").iterdir())
+    with pytest.raises(UserInputError, match="the teacher lacks star"):  # refused before the student alone is queued
+        api.distill(wsp, teacher.name, dataset_id=other.dataset_id, baseline=True, manager=JobManager(max_concurrent=1))
+    assert set((wsp / "runs").iterdir()) == before
     with pytest.raises(UserInputError, match="teacher must be a run id of yours.*folders on the server are not"):
         api.start(wsp, other.dataset_id, teacher=str(teacher))
     elsewhere = ingest_dataset(make_folder(tmp_path / "raw2", classes=CLASSES, per_class=4), tmp_path / "other-ws")
