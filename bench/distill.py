@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--per-class", type=int, default=30, help="training images per digit (validation 10, test 20)")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--student-epochs", type=int, help="the students' epochs (default: --epochs)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--alpha", type=float, default=0.5)
@@ -60,12 +61,16 @@ def main(argv=None) -> int:
     common = ["--epochs", str(args.epochs), "--image-size", str(args.image_size)]
     teacher = work / "teacher"
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "mmdemo", "train", "--data", str(data), "--output-dir", str(teacher),
-                    "--base-model", "efficientnet_lite2", "--quiet", *common], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    if not (teacher / "eval.json").is_file():  # a --workdir that has its teacher keeps it
+        subprocess.run([sys.executable, "-m", "mmdemo", "train", "--data", str(data), "--output-dir", str(teacher),
+                        "--base-model", "efficientnet_lite2", "--quiet", *common], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    student_epochs = args.student_epochs or args.epochs
+    students = work / f"student-e{student_epochs}-t{args.temperature:g}-a{args.alpha:g}"
     out = subprocess.run([sys.executable, "-m", "mmdemo", "distill", str(teacher), "--student", "efficientnet_lite0",
-                          "--baseline", "--temperature", str(args.temperature), "--alpha", str(args.alpha), *common],
-                         check=True, env=env, capture_output=True, text=True)
+                          "--baseline", "--temperature", str(args.temperature), "--alpha", str(args.alpha),
+                          "--output-dir", str(students), "--epochs", str(student_epochs),
+                          "--image-size", str(args.image_size)], check=True, env=env, capture_output=True, text=True)
     result = json.loads(out.stdout)
     seconds = {"teacher": train_seconds(teacher), "student (distilled)": train_seconds(Path(result["run_dir"])),
                "student alone": train_seconds(Path(result["baseline_run_dir"]))}
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
         print(json.dumps({"figure": row["model"], **row}), file=sys.stderr, flush=True)
         print(f"| {row['model']} | {row['base_model']} | {row['accuracy']:.3f} | {row['latency_ms_p50']:.1f} | "
               f"{row['params'] / 1e6:.2f} M | {row['train_seconds']:.0f} |")
-    print(json.dumps({"summary": {"per_class": args.per_class, "epochs": args.epochs, "image_size": args.image_size,
+    print(json.dumps({"summary": {"per_class": args.per_class, "epochs": args.epochs, "student_epochs": student_epochs, "image_size": args.image_size,
                                   "threads": args.threads, "temperature": args.temperature, "alpha": args.alpha,
                                   "agreement_with_teacher": result["distill"]["rows"][1].get("agreement_with_teacher"),
                                   "wall_seconds": round(time.time() - t0), "load": os.getloadavg()[0],

@@ -127,8 +127,8 @@ def build_train_tab(browser_id):
             dataset = gr.Dropdown(label="Dataset", choices=[], elem_id="dataset-choice")
             base_model = gr.Dropdown(label="Base model", choices=BASE_MODELS["classification"],
                                      value=BASE_MODELS["classification"][0], allow_custom_value=True,
-                                     info="the first choice works offline; other timm / transformers ids need the Hub; "
-                                          "a run id continues that run")
+                                     info="efficientnet_lite0 / _lite1 / _lite2 work offline; other timm / transformers "
+                                          "ids need the Hub; a run id continues that run")
             fields = {"base_model": base_model,
                       "method": gr.Radio(METHODS["classification"], value=METHODS["classification"][0],
                                          label="Method")}
