@@ -8,6 +8,7 @@
     python -m mmdemo search --checkpoint DIR --data DATASET "a red circle"
     python -m mmdemo baselines DATASET             # advice before training (mmdemo/advice_cli.py)
     python -m mmdemo compare RUN_DIR RUN_DIR...    # runs side by side
+    python -m mmdemo distill TEACHER_RUN --student efficientnet_lite0 [--baseline]  # (mmdemo/distill_cli.py)
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def _config_from_args(args):
             raise UserInputError(f"Config file {args.config} not found.")
         values = TrainConfig.load_values(args.config)
     values.update(flags)
-    if values.get("base_model"):  # a folder given relative to here becomes absolute (the engine's rule)
-        from .refs import resolve_model_ref
+    for name in ("base_model", "teacher", "distill_baseline", "distill_images"):
+        if values.get(name):  # a folder given relative to here becomes absolute (the engine's rule)
+            from .refs import resolve_model_ref
 
-        values["base_model"] = resolve_model_ref(values["base_model"], field="--base-model", allow_local=True)
+            values[name] = resolve_model_ref(values[name], field="--" + name.replace("_", "-"), allow_local=True)
     missing = [k for k in ("data", "output_dir") if not values.get(k)]
     if missing:
         raise UserInputError("train needs " + " and ".join("--" + k.replace("_", "-") for k in missing)
@@ -330,9 +332,13 @@ def main(argv=None) -> int:
     from .advice_cli import add_cli_commands as add_advice_commands, run_cli as run_advice_cli
 
     add_advice_commands(sub)
+    from .distill_cli import add_cli_commands as add_distill_command, run_cli as run_distill_cli
+
+    add_distill_command(sub)
     args = parser.parse_args(argv)
     code = run_cli(args)
     code = run_advice_cli(args) if code is None else code
+    code = run_distill_cli(args) if code is None else code
     if code is not None:
         return code
     try:

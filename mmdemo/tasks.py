@@ -46,10 +46,16 @@ class ClassificationTask:
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
                                      hflip=self.hflip, images=images)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
+        self.labelled_ds = self.train_ds
         self.collate = None
         self.channels_last = self.model.channels_last_input
         # A continued run keeps what its base knew (rehearsal memory / distillation), by cfg.keep_old.
         self.continual = continual.setup(self, cfg, splits)
+        self.distiller = None  # a teacher run's soft labels (mmdemo/distill.py)
+        if cfg.teacher:
+            from .distill import Distiller
+
+            self.distiller = Distiller(self, cfg, splits)
         self.train_split, self.val_split, self.base_model = splits["train"], splits["validation"], cfg.base_model
 
     def train_mode(self, model) -> None:
@@ -68,7 +74,8 @@ class ClassificationTask:
             head = None
         if not isinstance(head, torch.nn.Linear):
             return {}  # a head of another shape (a continued run's, a custom one) trains with the rest
-        return fit_head(inner, head, self.train_ds.pixels, self.train_ds.labels, self.image_size,
+        labelled = self.labelled_ds  # without the unlabelled images a distilled run may add
+        return fit_head(inner, head, labelled.pixels, labelled.labels, self.image_size,
                         self._logits, batch_size=self.batch_size)
 
     def _logits(self, model, x):
@@ -78,6 +85,8 @@ class ClassificationTask:
     def loss(self, model, batch):
         x, y = batch
         logits = self._logits(model, x)
+        if self.distiller:
+            return self.distiller.loss(logits, x, y, self.label_smoothing, self.channels_last)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if self.continual and self.continual.distills:
             loss = loss + self.continual.distill_loss(logits, x, self.channels_last)
@@ -100,6 +109,8 @@ class ClassificationTask:
             model.net.save_pretrained(model_dir / "adapter")
         if self.continual:  # eval.json gets the forgetting table (result is written after this call)
             result.update(self.continual.report(model, self.image_size, self.val_split))
+        if self.distiller:  # teacher, student and baseline: accuracy, CPU latency, parameters (+ distill.png)
+            result.update(self.distiller.report(model, self.image_size, self.val_split, result["accuracy"], run_dir))
         previous = continual.previous_model(self.base_model)
         continual.save_memory(run_dir, self.train_split, self.classes, previous[1] if previous else None)
         plot_confusion(result, run_dir / "confusion_matrix.png")

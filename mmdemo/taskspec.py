@@ -24,7 +24,7 @@ class TaskSpec:
         methods: the training methods it accepts; the first one is the default.
         method_defaults: method -> learning_rate / epochs / batch_size used where the user leaves 0.
         base_models: the base models the Train tab suggests; the first is the default when none is given
-            (an offline one), the others need the Hub.
+            (an offline one); names with a Hub owner need the Hub.
         tab: the UI tab that predicts with a model of this task.
         hub_example: a Hub model id suggested when there is no model yet ("" when the task has an
             offline predictor before any run).
@@ -102,7 +102,8 @@ register_task(TaskSpec(
      "lora": {"learning_rate": 3e-3, "epochs": 5, "batch_size": 16},
      "bitfit": {"learning_rate": 5e-3, "epochs": 5, "batch_size": 16},
      **PEFT_METHOD_DEFAULTS},
-    base_models=("efficientnet_lite0", "resnet18", "google/vit-base-patch16-224-in21k"), tab="Classify", hub_example="", pipeline_tag="image-classification",
+    base_models=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+                 "google/vit-base-patch16-224-in21k"), tab="Classify", hub_example="", pipeline_tag="image-classification",
     hub_tag="image-classification", title="Image Classification",
     ingest="mmdemo.data.classification:ingest_classification", training="mmdemo.tasks:ClassificationTask",
     predictor="mmdemo.inference:load_classifier_predictor"))

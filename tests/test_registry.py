@@ -26,8 +26,9 @@ def test_registries_list_the_tasks_and_families():
                                                                            "ingest_text", "ingest_image_text",
                                                                            "ingest_text"]
     assert all(callable(s.resolve("predictor")) for s in TASK_SPECS.values())
-    # Resolution order: the offline default before timm (which knows its name too), transformers last.
-    assert list(families("classifier")) == ["efficientnet_lite0", "timm", "transformers"]
+    # Resolution order: the offline Lite bases before timm (which knows their names too), transformers last.
+    assert list(families("classifier")) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "timm",
+                                            "transformers"]
     # BLIP and GIT before the chat family, whose model_types include theirs.
     assert list(families("image-text")) == ["composed", "blip", "git", "vlm"]
     assert list(families("image-text-classifier")) == ["fused"]

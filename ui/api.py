@@ -122,6 +122,23 @@ def api_bakeoff_status(bakeoff_id: str, request: gr.Request = None) -> dict:
     return api.bakeoff_status(api_workspace(request), bakeoff_id, manager=manager())
 
 
+def api_distill(teacher: str, student: str = "", baseline: bool = True, images: dict | None = None, epochs: int = 0,
+                image_size: int = 0, max_steps: int = 0, distill_temperature: float = 4.0, distill_alpha: float = 0.5,
+                request: gr.Request = None) -> dict:
+    """Queues a student ("" = efficientnet_lite0) trained on the soft labels of ``teacher`` (a finished
+    classification run id of yours) over its dataset, plus an optional zip of unlabelled images; ``baseline``
+    queues the student alone first. Returns {run_id, baseline_run_id}."""
+    return api.distill(api_workspace(request), teacher, student, baseline=bool(baseline),
+                       images=file_path(images) or None, manager=manager(), epochs=epochs, image_size=image_size,
+                       max_steps=max_steps, distill_temperature=distill_temperature, distill_alpha=distill_alpha)
+
+
+def api_distill_report(run_id: str, request: gr.Request = None) -> dict:
+    """A distilled run's comparison: {teacher, temperature, alpha, unlabelled_images, rows: [{model, base_model,
+    accuracy, latency_ms_p50, params, image_size, agreement_with_teacher}]}; {} for a run without a teacher."""
+    return api.distill_report(api_workspace(request), run_id)
+
+
 def register_api() -> None:
     for fn, name, limit in [(api_load_dataset, "load_dataset", 2), (api_start_training, "start_training", 4),
                             (api_training_status, "training_status", None), (api_stop_training, "stop_training", None),
@@ -132,5 +149,6 @@ def register_api() -> None:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)
     for fn, name in [(api_search, "search"), (api_search_captions, "search_captions"), (api_zero_shot, "zero_shot")]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=4)
-    for fn, name, limit in [(api_baselines, "baselines", 2), (api_compare_runs, "compare_runs", None)]:
+    for fn, name, limit in [(api_baselines, "baselines", 2), (api_compare_runs, "compare_runs", None),
+                            (api_distill, "distill", 2), (api_distill_report, "distill_report", 2)]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)

@@ -14,6 +14,7 @@ from mmdemo.errors import UserInputError
 from .advice import advised_method, build_advice_section, build_baseline_comparison
 from .bakeoff import build_bakeoff_section
 from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
+from .distill import build_distill_section
 
 
 def run_choices(wsp: Path, task: str | None = None, finished: bool = False) -> list[tuple[str, str]]:
@@ -128,8 +129,8 @@ def build_train_tab(browser_id):
             dataset = gr.Dropdown(label="Dataset", choices=[], elem_id="dataset-choice")
             base_model = gr.Dropdown(label="Base model", choices=BASE_MODELS["classification"],
                                      value=BASE_MODELS["classification"][0], allow_custom_value=True,
-                                     info="the first choice works offline; other timm / transformers ids need the Hub; "
-                                          "a run id continues that run")
+                                     info="efficientnet_lite0 / _lite1 / _lite2 work offline; other timm / transformers "
+                                          "ids need the Hub; a run id continues that run")
             fields = {"base_model": base_model,
                       "method": gr.Radio(METHODS["classification"], value=METHODS["classification"][0],
                                          label="Method")}
@@ -179,6 +180,7 @@ def build_train_tab(browser_id):
         mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
         build_bakeoff_section(browser_id, dataset, fields)
+        build_distill_section(browser_id, run)
         build_push_section(browser_id, run)
     return dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODELS, TASKS
 from ..errors import UserInputError
+from ..lite import LITE_MODELS
 from ..runs import ACTIVE, META_FILE, MODEL_DIR, read_config, read_json, read_status_file
 
 CONFIG_FILE = "training_config.yaml"  # the run's config.yaml as published, without local paths
-ALIASES = set(DEFAULT_MODELS.values())  # offline registry names: never Hub ids
+ALIASES = set(DEFAULT_MODELS.values()) | set(LITE_MODELS)  # offline registry names: never Hub ids
+# Settings that name other runs or uploads of this machine (distillation): never published.
+LOCAL_SETTINGS = ("teacher", "distill_baseline", "distill_images")
 
 
 def read_run(run_dir: Path) -> tuple[Path, dict, dict]:
@@ -98,10 +101,11 @@ def hub_dataset(cfg: dict) -> str | None:
 
 def public_config(cfg: dict) -> dict:
     return {**cfg, "data": hub_dataset(cfg) or "", "output_dir": "",
-            "base_model": public_base_model(cfg.get("base_model", ""))}
+            "base_model": public_base_model(cfg.get("base_model", "")),
+            **{k: "" if is_local(cfg[k]) else cfg[k] for k in LOCAL_SETTINGS if k in cfg}}
 
 
 def local_paths(run_dir: Path, meta: dict, cfg: dict) -> list[str]:
     """The run's own local paths, absolute (a relative name such as "data" may well appear in a card)."""
-    names = [run_dir, meta.get("base_model")] + [cfg.get(k) for k in ("data", "output_dir", "base_model")]
+    names = [run_dir, meta.get("base_model")] + [cfg.get(k) for k in ("data", "output_dir", "base_model", *LOCAL_SETTINGS)]
     return sorted({str(Path(str(n)).expanduser().resolve()) for n in names if is_local(n)})
