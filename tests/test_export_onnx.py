@@ -27,11 +27,16 @@ RUN_ID = "0e" * 16
 
 
 @pytest.fixture(scope="module")
-def lite0_run(tmp_path_factory):
-    """The offline default (ImageNet weights) on circles vs squares at 64 px: LP-FT's head fit, one step."""
+def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    data = ingest_dataset(make_folder(root / "raw", per_class=10), root / "ws").path
-    run = root / "ws" / "runs" / RUN_ID  # a run of workspace ws, as the app's job manager lays it out
+    return ingest_dataset(make_folder(root / "raw", per_class=10), root / "ws").path
+
+
+@pytest.fixture(scope="module")
+def lite0_run(shapes):
+    """The offline default (ImageNet weights) on circles vs squares at 64 px: LP-FT's head fit, one step."""
+    data = shapes
+    run = Path(data).parents[1] / "runs" / RUN_ID  # a run of workspace ws, as the app's job manager lays it out
     train(TrainConfig(data=data, output_dir=str(run), max_steps=1, batch_size=8, image_size=64, recipe="lp-ft"))
     return run
 
@@ -60,6 +65,31 @@ def test_each_variant_runs_in_onnxruntime_and_agrees_with_torch(exported):
     assert not best["warning"] and best["variant"] == lab["best"]
     assert all(r["latency_ms_p95"] >= r["latency_ms_p50"] > 0 for r in lab["variants"])
     assert json.loads((out / "export.json").read_text())["variants"] == lab["variants"]
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_lora_runs_of_the_other_families_export_merged(family, shapes, tmp_path):
+    from test_engine import tiny_cfg
+
+    base = "test_resnet"
+    if family == "transformers":
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        base = tmp_path / "tiny-vit"
+        ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(base)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(base)
+    run = tmp_path / "run"
+    train(tiny_cfg(shapes, run, base_model=str(base), image_size=32, method="lora", max_steps=2))
+    lab = export_onnx_run(run, tmp_path / "out", quantize=["int8"], calibration_images=8, latency_runs=2)
+    rows = {r["variant"]: r for r in lab["variants"]}
+    assert json.loads((run / "model/mmdemo.json").read_text())["family"] == family
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["max_abs_logit_diff"] < 1e-3
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out/model_int8.onnx")).graph.node}
+    quantized = {"static": "DequantizeLinear", "dynamic": "DynamicQuantizeLinear"}[lab["quantization"]["int8"]["mode"]]
+    assert quantized in ops and rows["onnx int8"]["agreement"] is not None  # int8 weights, and the file runs
 
 
 def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp_path):
