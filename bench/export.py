@@ -5,7 +5,8 @@
 
 Steps: bench/digits.py's dataset (sklearn load_digits as 32x32 PNGs, seeded stratified 20% validation) ->
 mmdemo.training.train with the default recipe (every deviation is echoed) -> mmdemo.deploy.export_onnx_run
-with int8 and fp16 (int8: static, MinMax, per channel, the last Gemm in fp32, 100 training images) -> one JSON
+with int8 and fp16 (int8: static, MinMax, per channel, int8 symmetric activations, the last Gemm in fp32, 100 training
+images) -> one JSON
 line per variant (accuracy on the 359 validation images run through that file, delta to PyTorch, top-1
 agreement, size, CPU latency p50 / p95 at batch 1) and a ``{"summary": ...}`` line with the goals checked:
 ONNX fp32 agrees on >= 99%, int8 within 1 point and <= 0.35x the fp32 file.
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", default="minmax")
     parser.add_argument("--calibration-images", type=int, default=100)
     parser.add_argument("--keep-fp32", default="last")
+    parser.add_argument("--activations", default="int8")
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", default="", help="keep the workspace in this folder (and reuse its run)")
     args = parser.parse_args(argv)
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         lab = export_onnx_run(run, out, quantize=["int8", "fp16"], calibration=args.calibration,
                               calibration_images=args.calibration_images, keep_fp32=args.keep_fp32,
-                              latency_runs=args.latency_runs)
+                              latency_runs=args.latency_runs, activations=args.activations)
         benchlib.emit("export_lab_seconds", round(time.time() - t0, 1), "s", note="export + quantise + measure all")
         for row in lab["variants"]:
             benchlib.emit(f"variant {row['variant']}", row["accuracy"], "accuracy", **row)

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import UserInputError
 from ..runs import read_json
 from .lab import FIXES, judge, latency_ms, onnx_logits, session, torch_logits, variant_row
-from .onnx import CALIBRATION_METHODS, FILES, KEEP_FP32, convert_fp16, export_fp32, quantize_int8
+from .onnx import ACTIVATIONS, CALIBRATION_METHODS, FILES, KEEP_FP32, convert_fp16, export_fp32, quantize_int8
 
 FORMATS = ("pytorch", "onnx")
 QUANTIZE = ("int8", "fp16")
@@ -69,7 +69,8 @@ def check_exportable(meta: dict) -> None:
 
 def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
                     calibration: str = "minmax", keep_fp32=("last",), latency_runs: int = 30,
-                    max_val_images: int = 0, calibration_pixels: np.ndarray | None = None) -> dict:
+                    max_val_images: int = 0, calibration_pixels: np.ndarray | None = None,
+                    activations: str = "int8") -> dict:
     """The PyTorch export of a classification run into ``out_dir``, plus its ONNX variants and the lab.
 
     Args:
@@ -81,6 +82,7 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
         keep_fp32: layers int8 keeps in fp32: "first" (Conv), "last" (Gemm / MatMul).
         latency_runs: timed batch-1 calls per variant.
         max_val_images: measure on at most this many validation images (0: all).
+        activations: int8 activations "int8" (symmetric) or "uint8" (asymmetric).
         calibration_pixels: preprocessed images (N x 3 x S x S float32) that calibrate int8 instead of the
             training split's.
 
@@ -97,6 +99,8 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
     calibration = (calibration or "minmax").lower()
     if calibration not in CALIBRATION_METHODS:
         raise UserInputError(f"--calibration must be one of {', '.join(CALIBRATION_METHODS)} (got '{calibration}').")
+    if activations not in ACTIVATIONS:
+        raise UserInputError(f"--activations must be one of {', '.join(ACTIVATIONS)} (got '{activations}').")
     keep_fp32 = [k.strip() for item in ([keep_fp32] if isinstance(keep_fp32, str) else keep_fp32 or [])
                  for k in str(item).split(",") if k.strip() and k.strip() != "none"]
     if any(k not in KEEP_FP32 for k in keep_fp32):
@@ -106,7 +110,7 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
         train_pixels = np.asarray(calibration_pixels, np.float32)
     export_run(run_dir, out, merged=True)
     try:
-        lab = _lab(clf, out, val, train_pixels, quantize, calibration, keep_fp32, latency_runs)
+        lab = _lab(clf, out, val, train_pixels, quantize, (calibration, keep_fp32, activations), latency_runs)
         lab.update(run=run_dir.name, family=meta.get("family"), base_model=meta.get("base_model"))
         (out / LAB_FILE).write_text(json.dumps(lab, indent=2))
         with open(out / "README.md", "a") as card:
@@ -150,7 +154,7 @@ def _model_and_data(run_dir: Path, cfg: dict, calibration_images: int, max_val_i
     return clf, (pixels(val["image"]), targets), (pixels(picked["image"]) if picked is not None else None)
 
 
-def _lab(clf, out: Path, val, train_pixels, quantize, calibration, keep_fp32, latency_runs) -> dict:
+def _lab(clf, out: Path, val, train_pixels, quantize, int8_options, latency_runs) -> dict:
     import torch
 
     pixels, targets = val
@@ -166,8 +170,9 @@ def _lab(clf, out: Path, val, train_pixels, quantize, calibration, keep_fp32, la
     details = {}
     for kind in quantize:
         if kind == "int8":
+            calibration, keep_fp32, activations = int8_options
             details["int8"] = quantize_int8(steps["fp32"], out / FILES["int8"], train_pixels, method=calibration,
-                                            keep_fp32=keep_fp32)
+                                            keep_fp32=keep_fp32, activations=activations)
         else:
             details["fp16"] = convert_fp16(steps["fp32"], out / FILES["fp16"])
         steps[kind] = out / FILES[kind]

@@ -22,7 +22,8 @@ FIXES = {
     "fp32": "the exported graph differs from PyTorch: this is an exporter problem (try another opset or report it); "
             "use the PyTorch model meanwhile.",
     "int8": "calibrate on more images (--calibration-images 300), keep the first and last layers in fp32 "
-            "(--keep-fp32 first,last), or try --calibration entropy / percentile; per-channel weights are on.",
+            "(--keep-fp32 first,last), try --calibration entropy / percentile, or the other --activations (int8 / "
+            "uint8); per-channel weights are on.",
     "fp16": "some activations overflow fp16: keep fp32 (model.onnx), or run fp16 on a GPU provider only.",
 }
 

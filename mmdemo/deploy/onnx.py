@@ -12,6 +12,7 @@ OPSET = 18  # the legacy exporter's newest well-trodden opset; QDQ per-channel n
 INPUT, OUTPUT = "pixel_values", "logits"
 FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "fp16": "model_fp16.onnx"}
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("int8", "uint8")  # int8: symmetric (S8S8, the default); uint8: asymmetric (U8S8)
 KEEP_FP32 = ("first", "last")  # layers an int8 model may keep in fp32: the first Conv, the last Gemm / MatMul
 
 
@@ -86,10 +87,11 @@ def excluded_nodes(model_path: Path, keep_fp32) -> list[str]:
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, method: str = "minmax",
-                  keep_fp32=("last",), per_channel: bool = True) -> dict:
+                  keep_fp32=("last",), per_channel: bool = True, activations: str = "int8") -> dict:
     """``fp32`` quantised to int8 into ``out``; returns what was done (written to export.json).
 
-    Static quantisation (QDQ, int8 weights per channel, uint8 activations) calibrated on ``calibration``
+    Static quantisation (QDQ, int8 weights per channel; activations ``int8`` symmetric, onnxruntime's recommended
+    S8S8, or ``uint8`` asymmetric) calibrated on ``calibration``
     after onnxruntime's pre-processing (shape inference, graph optimisation); dynamic quantisation (weights
     only, activations quantised at run time) where there are no calibration images or static fails.
     """
@@ -102,16 +104,18 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, meth
     except Exception:  # noqa: BLE001 - the pre-processing only helps; quantise the model as exported
         prepared.write_bytes(fp32.read_bytes())
     excluded = excluded_nodes(prepared, keep_fp32)
-    info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded}
+    info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded,
+            "activations": activations}
     try:
         if calibration is None or not len(calibration):
             raise ValueError("no calibration images")
         calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                      "percentile": CalibrationMethod.Percentile}[method]
         quantize_static(str(prepared), str(out), ArrayReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate, nodes_to_exclude=excluded,
-                        extra_options={"CalibMovingAverage": False})
+                        per_channel=per_channel, weight_type=QuantType.QInt8, calibrate_method=calibrate,
+                        activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
+                        nodes_to_exclude=excluded,
+                        extra_options={"CalibMovingAverage": False, "ActivationSymmetric": activations == "int8"})
         info.update(mode="static", calibration_images=int(len(calibration)), calibration_method=method)
     except Exception as e:  # noqa: BLE001 - static does not apply: weights-only int8 still shrinks the file
         quantize_dynamic(str(prepared), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,

@@ -32,6 +32,7 @@ def add_cli_commands(subparsers) -> None:
                    help="onnx: also int8 (static, calibrated on the run's training images) and / or fp16")
     e.add_argument("--calibration-images", type=int, default=100, help="int8: training images that calibrate it")
     e.add_argument("--calibration", default="minmax", help="int8: minmax, entropy or percentile")
+    e.add_argument("--activations", default="int8", help="int8: activations int8 (symmetric) or uint8")
     e.add_argument("--keep-fp32", default="last", help="int8: layers kept in fp32: first, last, first,last or none")
     e.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
     s = subparsers.add_parser("space", help="deploy this app as a Hugging Face Space")
@@ -51,7 +52,8 @@ def _export(args) -> dict:
     from ..deploy import export_onnx_run
 
     lab = export_onnx_run(args.run_dir, args.out_dir, quantize=quantize, calibration_images=args.calibration_images,
-                          calibration=args.calibration, keep_fp32=args.keep_fp32, latency_runs=args.latency_runs)
+                          calibration=args.calibration, keep_fp32=args.keep_fp32, latency_runs=args.latency_runs,
+                          activations=args.activations)
     for warning in lab["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return {"out_dir": args.out_dir, **lab}
