@@ -191,6 +191,11 @@ def resolve_checkpoint(workspace: Path, checkpoint: str) -> str | None:
 def classify(workspace: Path, image, checkpoint: str = "", top_k: int = 5, text: str = "") -> dict:
     """Top-k labels with probabilities for a PIL image ("" checkpoint: the offline ImageNet classifier);
     ``text`` goes with the image for an image + text classification run (which needs it)."""
+    from .deploy import classify_onnx, onnx_checkpoint
+
+    exported = onnx_checkpoint(workspace, checkpoint)  # RUN_ID/onnx/model_int8.onnx: the run's ONNX export
+    if exported is not None:
+        return classify_onnx(image, exported, top_k)
     from .inference import classify as classify_image
 
     return classify_image(image, resolve_checkpoint(workspace, checkpoint), top_k, text)
@@ -231,6 +236,21 @@ def export(workspace: Path, run_id: str, out_dir: Path, *, repo_id: str | None =
     from .hub import export_run
 
     return export_run(find_run(workspace, run_id), out_dir, repo_id=repo_id)
+
+
+def export_onnx(workspace: Path, run_id: str, quantize=("int8", "fp16"), **options) -> dict:
+    """Exports a classification run to ONNX into RUN/onnx/ (replacing an earlier export) and measures each
+    variant (see mmdemo.deploy.export_onnx_run); returns export.json's content. The Classify tab then runs
+    them as ``RUN_ID/onnx/model.onnx``, ``.../model_int8.onnx``, ``.../model_fp16.onnx``."""
+    import shutil
+
+    from .deploy import RUN_ONNX_DIR, check_request, export_onnx_run
+
+    quantize = check_request("onnx", quantize)
+    run_dir = find_run(workspace, run_id)
+    out = run_dir / RUN_ONNX_DIR
+    shutil.rmtree(out, ignore_errors=True)
+    return export_onnx_run(run_dir, out, quantize=quantize, **options)
 
 
 def _retrieval_checkpoint(workspace: Path, checkpoint: str) -> str:

@@ -102,6 +102,21 @@ def test_classify_with_the_trained_run(client_a, trained_run):
     assert sum(labels.values()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_export_onnx_then_classify_with_the_int8_file(app_url, client_a, trained_run):
+    run_id, _, _ = trained_run
+    lab = client_a.predict(run_id=run_id, quantize="int8", api_name="/export_onnx")
+    rows = {r["variant"]: r for r in lab["variants"]}
+    assert set(rows) == {"torch fp32", "onnx fp32", "onnx int8"} and lab["best"] in rows
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx int8"]["size_vs_onnx_fp32"] < 0.4
+    checkpoint = f"{run_id}/onnx/model_int8.onnx"
+    labels = client_a.predict(image=handle_file(str(EXAMPLES / "circle.png")), checkpoint=checkpoint, top_k=3,
+                              api_name="/classify")
+    assert sorted(labels) == CLASSES and max(labels, key=labels.get) == "circle"
+    with pytest.raises(AppError, match="Unknown run id"):  # another user: no such run
+        _client(app_url).predict(image=handle_file(str(EXAMPLES / "circle.png")), checkpoint=checkpoint,
+                                 api_name="/classify")
+
+
 def test_list_runs_shows_the_run(client_a, trained_run):
     run_id, _, final = trained_run
     runs = {r["run_id"]: r for r in client_a.predict(api_name="/list_runs")}

@@ -89,3 +89,13 @@ def test_added_method_export_says_its_base_alone_is_not_the_model_and_refuses_me
     with pytest.raises(UserInputError, match=rf"trained with '{method}'.*cannot be merged.*without --merged"):
         export_run(run, tmp_path / "merged", merged=True)
     assert not (tmp_path / "merged").exists()
+
+
+def test_onnx_export_of_an_added_method_run_holds_the_whole_model_and_keeps_adapter(vit_runs, tmp_path):
+    from mmdemo.deploy import export_onnx_run
+
+    lab = export_onnx_run(vit_runs["vpt"], tmp_path / "onnx", latency_runs=2)
+    rows = {r["variant"]: r for r in lab["variants"]}
+    # model.onnx is traced from the run's whole network (prompt tokens included), not the bare base.
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["max_abs_logit_diff"] < 1e-3
+    assert {"model.onnx", "adapter/added.safetensors"} <= set(lab["files"])

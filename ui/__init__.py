@@ -56,8 +56,17 @@ def checkpoint_choices(wsp) -> dict[str, list]:
     for task in TASKS:
         mark = " · image + text" if task == IMAGE_TEXT else ""
         done[list_task(task)] += [(label + mark, run_id) for label, run_id in run_choices(wsp, task, finished=True)]
-    done["classification"] = [(DEFAULT_CHECKPOINT, "")] + done["classification"]
+    done["classification"] = [(DEFAULT_CHECKPOINT, "")] + done["classification"] + onnx_choices(wsp)
     return done
+
+
+def onnx_choices(wsp) -> list:
+    """The ONNX variants exported from this workspace's classification runs (the Train tab's Deploy section)."""
+    from mmdemo.deploy import onnx_choices as exported
+    from mmdemo.runs import find_run
+
+    return [c for label, run_id in run_choices(wsp, "classification", finished=True)
+            for c in exported(find_run(wsp, run_id), label.split(" · ")[0])]
 
 
 @user_errors

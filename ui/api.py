@@ -69,6 +69,15 @@ def api_push_to_hub(run_id: str, repo_id: str, token: str = "", private: bool = 
     return api.push(api_workspace(request), run_id, repo_id, token, private)
 
 
+def api_export_onnx(run_id: str, quantize: str = "int8,fp16", request: gr.Request = None) -> dict:
+    """Exports a classification run to ONNX (fp32, plus int8 / fp16 as asked, comma-separated) and measures each
+    file: {variants: [{variant, file, accuracy, delta_points, agreement, size_mb, latency_ms_p50, latency_ms_p95,
+    best, warning}], best, warnings, ...}. Classify then takes checkpoint "RUN_ID/onnx/model_int8.onnx"."""
+    lab = api.export_onnx(api_workspace(request), run_id, quantize=[q for q in (quantize or "").split(",") if q.strip()])
+    lab.pop("files", None)
+    return lab
+
+
 def api_list_runs(request: gr.Request = None) -> list:
     """This session's runs with task, base model, method, status and metrics."""
     return api.list_runs(api_workspace(request), manager=manager())
@@ -144,6 +153,7 @@ def register_api() -> None:
                             (api_training_status, "training_status", None), (api_stop_training, "stop_training", None),
                             (api_resume_training, "resume_training", 4), (api_classify, "classify", 4),
                             (api_caption, "caption", 4), (api_answer, "answer", 4), (api_push_to_hub, "push_to_hub", 2),
+                            (api_export_onnx, "export_onnx", 1),
                             (api_list_runs, "list_runs", None), (api_method_plan, "method_plan", 2),
                             (api_start_bakeoff, "start_bakeoff", 2), (api_bakeoff_status, "bakeoff_status", None)]:
         gr.api(user_errors(fn), api_name=name, concurrency_limit=limit)

@@ -13,6 +13,7 @@ from mmdemo.errors import UserInputError
 
 from .advice import advised_method, build_advice_section, build_baseline_comparison
 from .bakeoff import build_bakeoff_section
+from .deploy import build_deploy_section
 from .common import BASE_MODELS, METHODS, browser_workspace, manager, user_errors
 from .distill import build_distill_section
 
@@ -181,6 +182,7 @@ def build_train_tab(browser_id):
                                     "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
         build_bakeoff_section(browser_id, dataset, fields)
         build_distill_section(browser_id, run)
+        build_deploy_section(browser_id, run)
         build_push_section(browser_id, run)
     return dataset, fields, start, stop, resume, run, progress, loss_plot, val_plot, report, confusion, mistakes, gpu_notice
 

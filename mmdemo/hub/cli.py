@@ -26,12 +26,37 @@ def add_cli_commands(subparsers) -> None:
     e.add_argument("run_dir")
     e.add_argument("out_dir")
     e.add_argument("--merged", action="store_true", help="peft runs (lora, dora, ...): the merged model only, no adapter/ (refused for adapter / vpt)")
+    e.add_argument("--format", default="pytorch", help="pytorch (the default: what a push uploads) or onnx (that "
+                   "folder plus model.onnx, measured against PyTorch in export.json)")
+    e.add_argument("--quantize", action="extend", nargs="+", default=[], metavar="KIND",
+                   help="onnx: also int8 (static, calibrated on the run's training images) and / or fp16")
+    e.add_argument("--calibration-images", type=int, default=100, help="int8: training images that calibrate it")
+    e.add_argument("--calibration", default="minmax", help="int8: minmax, entropy or percentile")
+    e.add_argument("--activations", default="int8", help="int8: activations int8 (symmetric) or uint8")
+    e.add_argument("--keep-fp32", default="last", help="int8: layers kept in fp32: first, last, first,last or none")
+    e.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
     s = subparsers.add_parser("space", help="deploy this app as a Hugging Face Space")
     d = s.add_subparsers(dest="space_command", required=True).add_parser(
         "deploy", help="create or update a Gradio Space running this app (settings: Space.yaml)")
     d.add_argument("repo_id", help="owner/name, or name for your user")
     d.add_argument("--token", default="", help=token_help)
     d.add_argument("--private", action="store_true", default=None, help="a new Space is private")
+
+
+def _export(args) -> dict:
+    from ..deploy import check_request
+
+    quantize = check_request(args.format, args.quantize)
+    if args.format.strip().lower() == "pytorch":
+        return {"out_dir": args.out_dir, "files": export_run(args.run_dir, args.out_dir, merged=args.merged)}
+    from ..deploy import export_onnx_run
+
+    lab = export_onnx_run(args.run_dir, args.out_dir, quantize=quantize, calibration_images=args.calibration_images,
+                          calibration=args.calibration, keep_fp32=args.keep_fp32, latency_runs=args.latency_runs,
+                          activations=args.activations)
+    for warning in lab["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return {"out_dir": args.out_dir, **lab}
 
 
 def run_cli(args, api=None) -> int | None:
@@ -44,7 +69,7 @@ def run_cli(args, api=None) -> int | None:
         if command == "push":
             out = push_run(args.run_dir, args.repo_id, args.token, private=args.private, merged=args.merged, api=api)
         elif command == "export":
-            out = {"out_dir": args.out_dir, "files": export_run(args.run_dir, args.out_dir, merged=args.merged)}
+            out = _export(args)
         else:
             out = deploy_space(args.repo_id, args.token, private=args.private, api=api)
     except UserInputError as e:

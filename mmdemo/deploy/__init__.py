@@ -1,0 +1,16 @@
+"""Deployment: a classification run exported to ONNX (fp32, int8, fp16) with the export lab's measurements.
+
+- ``onnx``: the file writers (torch.onnx export, onnxruntime static / dynamic int8, fp16).
+- ``lab``: every variant measured by running that file (accuracy, delta, agreement, size, latency), the
+  warnings and the best variant.
+- ``export``: ``export_onnx_run`` (the PyTorch export folder + ONNX files + export.json + card section).
+- ``runtime``: an exported variant run in onnxruntime (the Classify tab), ``RUN_ID/onnx/FILE`` checkpoints.
+
+Importing this package loads neither torch nor onnxruntime.
+"""
+
+from .export import FORMATS, LAB_FILE, QUANTIZE, check_request, export_onnx_run, read_lab
+from .runtime import RUN_ONNX_DIR, classify_onnx, onnx_checkpoint, onnx_choices
+
+__all__ = ["FORMATS", "QUANTIZE", "LAB_FILE", "RUN_ONNX_DIR", "check_request", "export_onnx_run", "read_lab",
+           "classify_onnx", "onnx_checkpoint", "onnx_choices"]

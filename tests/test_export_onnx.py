@@ -1,0 +1,149 @@
+"""The export lab: a real classification run exported to ONNX fp32 / int8 / fp16, each file run in
+onnxruntime against the PyTorch model; the warning path; bad input; the card's snippet run without
+mmdemo or torch."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_engine import make_folder
+
+from mmdemo import api
+from mmdemo.config import TrainConfig
+from mmdemo.data import ingest_dataset
+from mmdemo.deploy import check_request, export_onnx_run
+from mmdemo.errors import UserInputError
+from mmdemo.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "assets/examples/circle.png"
+RUN_ID = "0e" * 16
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    return ingest_dataset(make_folder(root / "raw", per_class=10), root / "ws").path
+
+
+@pytest.fixture(scope="module")
+def lite0_run(shapes):
+    """The offline default (ImageNet weights) on circles vs squares at 64 px: LP-FT's head fit, one step."""
+    data = shapes
+    run = Path(data).parents[1] / "runs" / RUN_ID  # a run of workspace ws, as the app's job manager lays it out
+    train(TrainConfig(data=data, output_dir=str(run), max_steps=1, batch_size=8, image_size=64, recipe="lp-ft"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(lite0_run):
+    """The app's export (api.export_onnx, into RUN/onnx/): fp32, int8, fp16."""
+    lab = api.export_onnx(lite0_run.parents[1], RUN_ID, quantize=["int8", "fp16"], calibration_images=16,
+                          latency_runs=5)
+    return lite0_run / "onnx", lab
+
+
+def test_each_variant_runs_in_onnxruntime_and_agrees_with_torch(exported):
+    out, lab = exported
+    rows = {r["variant"]: r for r in lab["variants"]}
+    assert set(rows) == {"torch fp32", "onnx fp32", "onnx int8", "onnx fp16"}
+    assert {"model.onnx", "model_int8.onnx", "model_fp16.onnx", "export.json", "mmdemo.json", "config.json",
+            "README.md"} <= set(lab["files"])
+    assert rows["torch fp32"]["accuracy"] >= 0.9  # a real model: the lab compares something that works
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["max_abs_logit_diff"] < 1e-3
+    assert rows["onnx fp16"]["agreement"] >= 0.95
+    assert lab["quantization"]["int8"]["mode"] == "static"
+    assert rows["onnx int8"]["agreement"] >= 0.8 and rows["onnx int8"]["size_vs_onnx_fp32"] < 0.4
+    assert sum(r["best"] for r in lab["variants"]) == 1
+    best = next(r for r in lab["variants"] if r["best"])
+    assert not best["warning"] and best["variant"] == lab["best"]
+    assert all(r["latency_ms_p95"] >= r["latency_ms_p50"] > 0 for r in lab["variants"])
+    assert json.loads((out / "export.json").read_text())["variants"] == lab["variants"]
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_lora_runs_of_the_other_families_export_merged(family, shapes, tmp_path):
+    from test_engine import tiny_cfg
+
+    base = "test_resnet"
+    if family == "transformers":
+        from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+        base = tmp_path / "tiny-vit"
+        ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, num_labels=2)).save_pretrained(base)
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(base)
+    run = tmp_path / "run"
+    train(tiny_cfg(shapes, run, base_model=str(base), image_size=32, method="lora", max_steps=2))
+    lab = export_onnx_run(run, tmp_path / "out", quantize=["int8"], calibration_images=8, latency_runs=2)
+    rows = {r["variant"]: r for r in lab["variants"]}
+    assert json.loads((run / "model/mmdemo.json").read_text())["family"] == family
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["max_abs_logit_diff"] < 1e-3
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out/model_int8.onnx")).graph.node}
+    quantized = {"static": "DequantizeLinear", "dynamic": "DynamicQuantizeLinear"}[lab["quantization"]["int8"]["mode"]]
+    assert quantized in ops and rows["onnx int8"]["agreement"] is not None  # int8 weights, and the file runs
+
+
+def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp_path):
+    out, _ = exported
+    card = (out / "README.md").read_text()
+    assert "## ONNX (onnxruntime)" in card and "| onnx int8 |" in card.replace("**", "")
+    snippet = re.search(r"```python\n(import json, numpy.*?)```", card, re.S).group(1)
+    Image.open(EXAMPLE).save(tmp_path / "image.jpg")
+    for name in ("model.onnx", "mmdemo.json"):
+        (tmp_path / name).symlink_to(out / name)
+    code = snippet + "\nimport sys; assert not {'torch', 'mmdemo'} & set(sys.modules), sorted(sys.modules)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    from mmdemo.deploy import classify_onnx
+
+    expected = next(iter(classify_onnx(Image.open(tmp_path / "image.jpg"), out / "model.onnx", 1)))
+    assert done.stdout.strip() == expected == "circle"
+
+
+def test_classify_runs_an_exported_variant_of_the_callers_own_run(exported, lite0_run, tmp_path):
+    workspace, image = lite0_run.parents[1], Image.open(EXAMPLE)
+    torch_answer = api.classify(workspace, image, RUN_ID, 2)
+    for name in ("model.onnx", "model_int8.onnx", "model_fp16.onnx"):
+        answer = api.classify(workspace, image, f"{RUN_ID}/onnx/{name}", 2)
+        assert set(answer) == {"circle", "square"} and max(answer, key=answer.get) == "circle"
+        # int8 keeps the answer, not the probabilities (its own figures: the lab's delta and agreement)
+        tolerance = {"model.onnx": 0.002, "model_fp16.onnx": 0.05, "model_int8.onnx": 1.0}[name]
+        assert abs(answer["circle"] - torch_answer["circle"]) < tolerance
+    with pytest.raises(UserInputError, match="Unknown run"):  # another user's workspace knows no such run
+        api.classify(tmp_path, image, f"{RUN_ID}/onnx/model.onnx")
+
+
+def test_a_bad_calibration_is_flagged_with_the_fix(lite0_run, tmp_path):
+    grey = np.zeros((1, 3, 64, 64), np.float32)  # one image of one colour: ranges that real images overflow
+    lab = export_onnx_run(lite0_run, tmp_path / "bad", quantize=["int8"], calibration_pixels=grey,
+                          keep_fp32="none", latency_runs=2)
+    int8 = next(r for r in lab["variants"] if r["variant"] == "onnx int8")
+    assert int8["warning"] and "calibrat" in int8["warning"] and not int8["best"]
+    assert lab["warnings"] == [int8["warning"]] and lab["best"] != "onnx int8"
+
+
+def test_bad_requests_name_what_is_supported(lite0_run, tmp_path):
+    with pytest.raises(UserInputError, match=r"--format must be one of pytorch, onnx \(got 'tflite'\)"):
+        check_request("tflite", [])
+    with pytest.raises(UserInputError, match=r"--quantize takes int8 or fp16 \(got 'int4'\)"):
+        check_request("onnx", ["int4"])
+    meta = lite0_run / "model" / "mmdemo.json"
+    saved = meta.read_text()
+    try:
+        meta.write_text(json.dumps({**json.loads(saved), "task": "captioning"}))
+        with pytest.raises(UserInputError, match=r"ONNX export supports classification runs .*this run is captioning"):
+            export_onnx_run(lite0_run, tmp_path / "text")
+    finally:
+        meta.write_text(saved)
+    assert not (tmp_path / "text").exists()
