@@ -85,6 +85,9 @@ def load_weights(model, path: Path, device: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, load_model
 
+    device = str(device)
+    if device.startswith("cpu"):  # a process of a multi-process CPU run is on "cpu:N", which safetensors refuses
+        device = "cpu"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("weights") != TRAINED_ONLY:

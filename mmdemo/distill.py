@@ -77,8 +77,8 @@ def check_distill_params(workspace, dataset_dir, params: dict) -> None:
     if images and not local_models_allowed():
         inside = Path(str(images)).resolve().is_relative_to(Path(workspace).resolve())
         if not inside or not Path(str(images)).is_dir():
-            raise UserInputError("distill_images must be images you uploaded (a zip given to distill); folders on "
-                                 "the server are not accepted.")
+            raise UserInputError("distill_images must be a zip of images given to distill (kept in this workspace); "
+                                 "other folders on the server are not accepted.")
 
 
 def prepare_images(source, dest: Path) -> str:

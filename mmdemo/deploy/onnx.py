@@ -35,7 +35,7 @@ def export_fp32(clf, path: Path, image_size: int) -> Path:
             torch.onnx.export(clf, (x,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
         except torch.onnx.errors.UnsupportedOperatorError as e:
-            raise UserInputError(f"This model has an operation ONNX opset {OPSET} cannot express ({e}); export it "
+            raise UserInputError(f"This model has an operation ONNX opset {OPSET} cannot represent ({e}); export it "
                                  f"in the PyTorch format (--format pytorch) instead.") from e
     return path
 

@@ -35,8 +35,8 @@ def onnx_checkpoint(workspace, checkpoint) -> Path | None:
         return None
     path = find_run(workspace, match.group(1)) / RUN_ONNX_DIR / match.group(2)
     if not path.is_file():
-        raise UserInputError(f"Run {match.group(1)[:8]} has no {match.group(2)} yet: export it first (Train tab, "
-                             f"Deploy).")
+        raise UserInputError(f"Run {match.group(1)[:8]} has no {match.group(2)} yet: export it to ONNX first (the run's "
+                             f"Deploy section, or export --format onnx).")
     return path
 
 
