@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -75,9 +76,22 @@ def save_weights(model, path: Path) -> None:
     save_file(state, str(path), metadata={"weights": TRAINED_ONLY, "frozen_checksum": repr(_frozen_checksum(model))})
 
 
+_CHECKSUMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (the frozen tensors' identity, sum)
+
+
 def _frozen_checksum(model) -> float:
+    """The sum of the frozen parameters' magnitudes, computed once per model while they stay the same tensors,
+    unmodified (their version counters: any in-place write bumps one). A run with frozen encoders checkpoints
+    every epoch; summing their 26 M weights each time cost 0.4 s of CPU per checkpoint."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    key = tuple((p.data_ptr(), p._version) for p in frozen)
+    cached = _CHECKSUMS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum().item() for p in model.parameters() if not p.requires_grad))
+        value = float(sum(p.detach().double().abs().sum().item() for p in frozen))
+    _CHECKSUMS[model] = (key, value)
+    return value
 
 
 def load_weights(model, path: Path, device: str) -> None:

@@ -133,3 +133,26 @@ def test_a_head_only_classifier_stops_and_resumes_from_its_trained_weights(tmp_p
     starts = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "start"]
     assert [s["resumed"] for s in starts] == [False, True]
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
+
+
+def test_the_frozen_checksum_is_kept_until_a_frozen_weight_changes():
+    """Computed once per model (a frozen-encoder run checkpoints every epoch), yet an in-place write or a new
+    tensor in a frozen parameter gives the new sum."""
+    from mmdemo.checkpoints import _frozen_checksum
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+
+    def fresh():
+        return float(sum(p.detach().double().abs().sum().item() for p in model[0].parameters()))
+
+    first = _frozen_checksum(model)
+    assert first == pytest.approx(fresh()) and _frozen_checksum(model) == first
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert _frozen_checksum(model) == pytest.approx(fresh()) != first
+    model[0].bias = torch.nn.Parameter(torch.full((4,), 5.0), requires_grad=False)
+    assert _frozen_checksum(model) == pytest.approx(fresh())
+    with torch.no_grad():
+        model[1].weight.add_(1.0)  # a trained weight: not part of the sum
+    assert _frozen_checksum(model) == pytest.approx(fresh())
