@@ -9,8 +9,9 @@ into one space, trained contrastively; families of kind ``"dual-encoder"``.
 Losses: the symmetric InfoNCE of CLIP with a learned temperature, or the pairwise sigmoid loss of SigLIP
 (learned temperature and bias). Negatives are the other pairs of the batch, except that a caption shared
 by two images of one batch ("a red circle") is a true match of both, never a negative of either.
-Methods: ``locked_image`` (LiT: the image tower frozen, its features computed once), ``full``, ``lora``
-(adapters on both towers; projections and temperature in full).
+Methods: ``frozen_towers`` (both towers frozen, their outputs computed once; only the projections and
+the temperature train), ``locked_image`` (LiT: the image tower frozen, its features computed once),
+``full``, ``lora`` (adapters on both towers; projections and temperature in full).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .runs import META_FILE
 TASK = "retrieval"
 LIT_MODEL = "efficientnet_lite0+minilm"
 LOSSES = ("infonce", "sigmoid")
-METHODS = ("locked_image", "full", "lora")
+METHODS = ("frozen_towers", "locked_image", "full", "lora")
 TEXT_MAX_LENGTH = 64
 EMBED_DIM = 256
 TEXT_TRAINED_LAYERS = 2  # locked_image (LiT): the top MiniLM layers that train with the projections
@@ -66,6 +67,9 @@ class DualEncoder(nn.Module):
     fallback = False
     image_tower = text_tower = ""  # attribute names of the towers
     text_lora_targets: tuple[str, ...] = ()
+    # frozen_towers trains the projections and the temperature; a projection that sits inside a tower (SigLIP's
+    # text head) is named here, and text_tower_features stops before it.
+    tower_heads: tuple[str, ...] = ()
 
     def __init__(self, preprocess: Preprocess, base_model: str, loss: str):
         super().__init__()
@@ -80,8 +84,11 @@ class DualEncoder(nn.Module):
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids -> text embeddings (not normalised)."""
+    def text_tower_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the text tower's pooled output (what a frozen tower computes once)."""
+        raise NotImplementedError
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,16 +128,31 @@ class DualEncoder(nn.Module):
         return torch.cat([self.tower_features(self.pixels(images[i:i + chunk])).float().cpu()
                           for i in range(0, len(images), chunk)])
 
+    @torch.no_grad()
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Token ids -> the (frozen) text tower's pooled output, computed once per distinct caption."""
+        device = next(self.parameters()).device
+        return torch.cat([self.text_tower_features(input_ids[i:i + chunk].to(device),
+                                                   attention_mask[i:i + chunk].to(device)).float().cpu()
+                          for i in range(0, len(input_ids), chunk)])
+
     def encode_image(self, images=None, image_features=None) -> torch.Tensor:
         if image_features is None:
             image_features = self.tower_features(self.pixels(images))
         return self.project_image(image_features.to(next(self.parameters()).device).float())
 
-    def forward(self, input_ids, attention_mask, positives, images=None, image_features=None, text_index=None):
+    def encode_text(self, input_ids=None, attention_mask=None, text_features=None) -> torch.Tensor:
+        """Token ids (or the tower's pooled output, computed before) -> text embeddings (not normalised)."""
+        if text_features is None:
+            text_features = self.text_tower_features(input_ids, attention_mask)
+        return self.project_text(text_features.to(next(self.parameters()).device).float())
+
+    def forward(self, positives, input_ids=None, attention_mask=None, images=None, image_features=None,
+                text_index=None, text_features=None):
         """A training batch -> its contrastive loss (see ``contrastive_loss``); ``text_index`` maps each pair
-        to its row of ``input_ids`` (the batch's distinct captions) when given."""
+        to its row of ``input_ids`` / ``text_features`` (the batch's distinct captions) when given."""
         image_emb = F.normalize(self.encode_image(images, image_features), dim=-1)
-        text_emb = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        text_emb = F.normalize(self.encode_text(input_ids, attention_mask, text_features), dim=-1)
         if text_index is not None:
             text_emb = text_emb[text_index]
         scale, bias = self.scales()
@@ -145,6 +167,11 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def embed_features(self, features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         return torch.cat([F.normalize(self.encode_image(image_features=features[i:i + chunk]).float(), dim=-1).cpu()
+                          for i in range(0, len(features), chunk)])
+
+    @torch.no_grad()
+    def embed_text_features(self, features: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        return torch.cat([F.normalize(self.encode_text(text_features=features[i:i + chunk]).float(), dim=-1).cpu()
                           for i in range(0, len(features), chunk)])
 
     @torch.no_grad()
@@ -171,11 +198,17 @@ class DualEncoder(nn.Module):
         return lora_targets(module, "classifier")
 
     def apply_method(self, method: str, lora_r: int = 8, lora_alpha: int = 16) -> "DualEncoder":
-        """``locked_image``: the image tower frozen; ``full``: everything trains; ``lora``: adapters on both
-        towers, the projections and the temperature in full."""
+        """``frozen_towers``: both towers frozen (the projections and the temperature train); ``locked_image``:
+        the image tower frozen; ``full``: everything trains; ``lora``: adapters on both towers, the
+        projections and the temperature in full."""
         if method not in METHODS:
             raise UserInputError(f"Unknown method '{method}' for {TASK}; use {', '.join(METHODS)}.")
         self.requires_grad_(method != "lora")
+        if method == "frozen_towers":
+            for part in self.tower_modules():
+                self.get_submodule(part).requires_grad_(False)
+            for head in self.tower_heads:
+                self.get_submodule(head).requires_grad_(True)
         if method == "locked_image":
             self.get_submodule(self.image_tower).requires_grad_(False)
             self.lock_lower_text()
@@ -263,10 +296,13 @@ class LiTDualEncoder(DualEncoder):
     def project_image(self, features):
         return self.image_proj(features)
 
-    def encode_text(self, input_ids, attention_mask):
+    def text_tower_features(self, input_ids, attention_mask):
         tokens = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        return self.text_proj((tokens * m).sum(1) / m.sum(1).clamp(min=1))
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as the sentence encoder was trained
+
+    def project_text(self, features):
+        return self.text_proj(features)
 
     def scales(self):
         return self.logit_scale.clamp(max=math.log(100)).exp(), (self.logit_bias if self.loss_kind == "sigmoid" else None)

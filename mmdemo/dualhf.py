@@ -40,6 +40,10 @@ class HFDualEncoder(DualEncoder):
         self.padding = "max_length" if self.model_type == "siglip" else True
 
     @property
+    def tower_heads(self) -> tuple[str, ...]:  # SigLIP's text projection is its text tower's head
+        return ("net.text_model.head",) if self.model_type == "siglip" else ()
+
+    @property
     def max_text_tokens(self) -> int:
         return int(self.net.config.text_config.max_position_embeddings)
 
@@ -52,9 +56,13 @@ class HFDualEncoder(DualEncoder):
     def project_image(self, features):
         return self.net.visual_projection(features) if self.model_type == "clip" else features
 
-    def encode_text(self, input_ids, attention_mask):
-        pooled = self.net.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return self.net.text_projection(pooled) if self.model_type == "clip" else pooled
+    def text_tower_features(self, input_ids, attention_mask):
+        out = self.net.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        # SigLIP's pooled output is its head over the last token's state: the state, before the head.
+        return out.pooler_output if self.model_type == "clip" else out.last_hidden_state[:, -1, :]
+
+    def project_text(self, features):
+        return self.net.text_projection(features) if self.model_type == "clip" else self.net.text_model.head(features)
 
     def scales(self):
         scale = self.net.logit_scale.clamp(max=math.log(100)).exp()

@@ -25,9 +25,10 @@ EXAMPLE_QUERIES = 8  # evaluation examples: this many held-out captions with the
 
 class RetrievalRows(torch.utils.data.Dataset):
     """A split as tensors: distinct images decoded once (and, with a locked image tower, their features
-    computed once), distinct captions tokenised once."""
+    computed once), distinct captions tokenised once (and, with a frozen text tower, its outputs computed once)."""
 
-    def __init__(self, split, model, image_size: int, locked: bool, train: bool, seed: int = 0):
+    def __init__(self, split, model, image_size: int, locked: bool, train: bool, seed: int = 0,
+                 frozen_text: bool = False):
         from .images import decode_unique
 
         self.pixels, self.image_of = decode_unique(split, image_size)
@@ -39,6 +40,8 @@ class RetrievalRows(torch.utils.data.Dataset):
         self.caption_ids = [tuple(position[c] for c in caps) for caps in self.captions]
         self.input_ids, self.attention_mask = model.tokenize(self.texts) if self.texts else (None, None)
         self.features = model.image_features(self.pixels) if locked and len(self.pixels) else None
+        self.text_features = model.text_features(self.input_ids, self.attention_mask) \
+            if frozen_text and self.texts else None
         self.train, self.rng = train, random.Random(seed)
 
     def __len__(self):
@@ -49,8 +52,9 @@ class RetrievalRows(torch.utils.data.Dataset):
         text = self.rng.choice(ids) if self.train else ids[0]
         k = self.image_of[i]
         image = {"image_features": self.features[k]} if self.features is not None else {"images": self.pixels[k]}
-        return {**image, "input_ids": self.input_ids[text], "attention_mask": self.attention_mask[text],
-                "text": text, "caption_ids": ids}
+        caption = {"text_features": self.text_features[text]} if self.text_features is not None else \
+            {"input_ids": self.input_ids[text], "attention_mask": self.attention_mask[text]}
+        return {**image, **caption, "text": text, "caption_ids": ids}
 
 
 def collate_pairs(items: list[dict], trim: bool = True) -> dict:
@@ -66,9 +70,10 @@ def collate_pairs(items: list[dict], trim: bool = True) -> dict:
     for key in ("images", "image_features"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
-    for key in ("input_ids", "attention_mask"):
-        batch[key] = torch.stack([items[i][key] for i in distinct])
-    if trim:  # the captions were padded to the longest of the split: keep the batch's longest
+    for key in ("input_ids", "attention_mask", "text_features"):
+        if key in items[0]:
+            batch[key] = torch.stack([items[i][key] for i in distinct])
+    if trim and "attention_mask" in batch:  # the captions were padded to the longest of the split: keep the batch's longest
         n = int(batch["attention_mask"].sum(1).max())
         batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, :n], batch["attention_mask"][:, :n]
     return batch
@@ -84,10 +89,11 @@ class RetrievalTask:
         self.model.apply_method(cfg.method, cfg.lora_r, cfg.lora_alpha)
         self.image_size = self.model.preprocess.image_size
         self.method = cfg.method
-        locked = cfg.method == "locked_image"
+        locked, frozen_text = cfg.method in ("frozen_towers", "locked_image"), cfg.method == "frozen_towers"
         self.model.eval()
-        self.train_ds = RetrievalRows(splits["train"], self.model, self.image_size, locked, True, cfg.seed)
-        self.val_ds = RetrievalRows(splits["validation"], self.model, self.image_size, locked, False, cfg.seed)
+        self.train_ds = RetrievalRows(splits["train"], self.model, self.image_size, locked, True, cfg.seed, frozen_text)
+        self.val_ds = RetrievalRows(splits["validation"], self.model, self.image_size, locked, False, cfg.seed,
+                                    frozen_text)
         trim = self.model.padding is True
 
         def collate(items):
@@ -98,8 +104,9 @@ class RetrievalTask:
     def train_mode(self, model) -> None:
         model.train()
         inner = model.module if hasattr(model, "module") else model
-        frozen = {"locked_image": [inner.image_tower], "lora": inner.tower_modules()}.get(self.method, [])
-        for name in frozen:  # a locked or adapted tower keeps its BatchNorm statistics and has no dropout
+        frozen = {"frozen_towers": inner.tower_modules(), "locked_image": [inner.image_tower],
+                  "lora": inner.tower_modules()}.get(self.method, [])
+        for name in frozen:  # a frozen or adapted tower keeps its BatchNorm statistics and has no dropout
             inner.get_submodule(name).eval()
 
     def loss(self, model, batch):
@@ -115,7 +122,7 @@ class RetrievalTask:
         ds = self.val_ds
         images = inner.embed_features(ds.features) if ds.features is not None else inner.embed_images(ds.pixels)
         images = images[ds.image_of]
-        texts = inner.embed_texts(ds.texts)
+        texts = inner.embed_text_features(ds.text_features) if ds.text_features is not None else inner.embed_texts(ds.texts)
         similarity = images @ texts.T
         scores = retrieval_metrics(similarity.numpy(), ds.captions, ds.texts)
         examples = []

@@ -138,7 +138,28 @@ def train_run(dataset, run_dir: Path, **params):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_tiny_transformers_dual_encoder_trains_saves_loads_searches_and_classifies(dataset, tmp_path, kind):
+def test_frozen_towers_trains_only_the_projections_on_features_computed_once(tmp_path, kind):
+    """frozen_towers (the default): CLIP's two projections and temperature, SigLIP's text head (its projection
+    sits inside the text tower), temperature and bias; the text tower's cached output through the projection is
+    the tower's own embedding."""
+    from mmdemo.dualenc import build_dual_encoder
+
+    model = build_dual_encoder(str(tiny_hf_folder(tmp_path, kind))).apply_method("frozen_towers").eval()
+    trained = {n.split(".")[1] if n.startswith("net.") else n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad} == (
+        {"net.visual_projection", "net.text_projection", "net"} if kind == "clip" else {"net.text_model.head", "net"})
+    assert ("logit_bias" in trained) == (kind == "siglip") and "logit_scale" in trained
+    ids, mask = model.tokenize(["a red circle", "a blue triangle that is big"])
+    with torch.no_grad():
+        out = model.net.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        own = model.net.text_projection(out) if kind == "clip" else out
+        cached = model.text_features(ids, mask)
+        assert torch.allclose(model.encode_text(text_features=cached), own, atol=1e-5)
+        assert torch.allclose(model.encode_text(ids, mask), own, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, method", [("clip", ""), ("siglip", "locked_image")])
+def test_tiny_transformers_dual_encoder_trains_saves_loads_searches_and_classifies(dataset, tmp_path, kind, method):
     from PIL import Image
     from transformers import AutoModel, pipeline
 
@@ -146,7 +167,7 @@ def test_tiny_transformers_dual_encoder_trains_saves_loads_searches_and_classifi
     from mmdemo.zeroshot import zero_shot_batch
 
     base = tiny_hf_folder(tmp_path, kind)
-    result = train_run(dataset, tmp_path / "run", base_model=str(base), max_steps=3, batch_size=16)
+    result = train_run(dataset, tmp_path / "run", base_model=str(base), max_steps=3, batch_size=16, method=method)
     assert {"i2t_recall@1", "t2i_recall@10", "t2i_median_rank", "val_loss"} <= result.keys()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "completed" and "t2i_recall@1" in status["metrics"]
@@ -192,7 +213,28 @@ def lit_run(dataset, tmp_path_factory):
     return run, result
 
 
-def test_lit_default_trains_locked_and_saves_its_loadable_parts(lit_run, dataset):
+@pytest.fixture(scope="module")
+def lit_model():
+    from mmdemo.dualenc import build_dual_encoder
+
+    return build_dual_encoder("efficientnet_lite0+minilm")
+
+
+def test_lit_methods_train_only_their_parts(lit_model):
+    """frozen_towers: the projections and the temperature; locked_image: also MiniLM's top two layers."""
+    def trained(method):
+        lit_model.apply_method(method)
+        return {n for n, p in lit_model.named_parameters() if p.requires_grad}
+
+    projections = {n for n, _ in lit_model.named_parameters() if n.split(".")[0] in ("image_proj", "text_proj")}
+    assert trained("frozen_towers") == projections | {"logit_scale", "logit_bias"}
+    locked = trained("locked_image")
+    assert locked > projections and not any(n.startswith("image_encoder.") for n in locked)
+    layers = {n.split(".")[3] for n in locked if n.startswith("text_encoder.encoder.layer.")}
+    assert layers == {"4", "5"} and not any("embeddings" in n for n in locked)
+
+
+def test_lit_default_trains_the_projections_and_saves_its_loadable_parts(lit_run, dataset):
     import timm
     from transformers import BertModel
 
@@ -200,10 +242,10 @@ def test_lit_default_trains_locked_and_saves_its_loadable_parts(lit_run, dataset
 
     run, result = lit_run
     cfg = (run / "config.yaml").read_text()
-    assert "method: locked_image" in cfg and "base_model: efficientnet_lite0+minilm" in cfg
+    assert "method: frozen_towers" in cfg and "base_model: efficientnet_lite0+minilm" in cfg
     assert 0 <= result["t2i_recall@1"] <= 1 and result["num_val"] == dataset.num_val
     start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert start["trainable_params"] < start["total_params"] - 3_000_000  # the Lite0 tower is locked
+    assert start["trainable_params"] < 1_500_000 < 25_000_000 < start["total_params"]  # both towers frozen
     model_dir = run / "model"
     image_tower = timm.create_model(f"local-dir:{model_dir / 'vision'}", pretrained=True)
     assert image_tower.num_features == 1280
@@ -211,6 +253,16 @@ def test_lit_default_trains_locked_and_saves_its_loadable_parts(lit_run, dataset
     model = load_dual_encoder(model_dir).eval()
     texts = model.embed_texts(["a red circle", "a blue triangle"])
     assert texts.shape == (2, 256) and torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-4)
+    # The trained projections were saved: the loaded model, from pixels and caption strings, ranks the held-out
+    # images as the run's evaluation did on the features it had computed once.
+    from mmdemo.data import load_splits
+    from mmdemo.retrieval import RetrievalRows
+
+    rows = RetrievalRows(load_splits(dataset.path)["validation"], model, model.preprocess.image_size, False, False)
+    similarity = model.embed_images(rows.pixels)[rows.image_of] @ model.embed_texts(rows.texts).T
+    scores = retrieval_metrics(similarity.numpy(), rows.captions, rows.texts)
+    assert {k: round(scores[k], 5) for k in ("t2i_recall@1", "i2t_recall@1", "t2i_median_rank")} == {
+        k: result[k] for k in ("t2i_recall@1", "i2t_recall@1", "t2i_median_rank")}
 
 
 def test_lit_export_card_shows_how_to_load_the_parts(lit_run, tmp_path):
