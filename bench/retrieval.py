@@ -31,15 +31,18 @@ def emit(**record) -> None:
 
 
 def train(out: Path, method: str = "", max_steps: int = 0) -> tuple[Path, float, float]:
-    """Trains the default on the sample as the CLI does; (run dir, wall seconds, CPU seconds of the child)."""
+    """Trains the default on the sample as the app's child does; (run dir, wall seconds, CPU seconds of the child)."""
     run = out / f"run-{method or 'default'}-{max_steps}"
     cmd = [sys.executable, "-m", "mmdemo", "train", "--task", "retrieval", "--data", str(SAMPLE), "--output-dir",
            str(run), "--quiet", "--checkpoint-every-minutes", "0"]
     cmd += ["--method", method] if method else []
     cmd += ["--max-steps", str(max_steps)] if max_steps else []
+    from mmdemo.procs import child_env
+
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    # As the app starts its children (threads, niceness, memory limit: mmdemo.procs.child_env).
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=child_env(dict(os.environ)))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return run, time.time() - t0, cpu

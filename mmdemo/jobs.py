@@ -366,14 +366,16 @@ def _short(base_model: str) -> str:
 # Seconds per training row and per validation row on 2 CPU cores with the default recipe, measured on
 # the bundled samples (classification: EfficientNet-Lite0 at 160 px; text: the composed default with
 # its encoder frozen, features computed once). Image + text classification (frozen encoders: the fusion
-# head only) and retrieval (locked image: MiniLM's top layers and the projections) were measured by
-# bench/task_cost.py on a shared machine, as the child's CPU seconds per phase (an upper bound of an idle
-# 2-core machine's wall time).
+# head only) and retrieval (frozen towers: the projections only; locked image: MiniLM's top layers too) were
+# measured by bench/task_cost.py on a shared machine, the child started as the app starts it (one thread), as
+# its CPU seconds per phase (an upper bound of an idle 2-core machine's wall time). A (task, method) key holds
+# a method other than the task's default.
 CPU_COST = {"classification": (0.06, 0.02), "captioning": (0.012, 0.02), "vqa": (0.012, 0.006),
-            "image_text_classification": (0.005, 0.006), "retrieval": (0.027, 0.024)}
+            "image_text_classification": (0.0007, 0.0008), "retrieval": (0.0005, 0.0003),
+            ("retrieval", "locked_image"): (0.027, 0.024)}  # measured with two threads (Dec 3, 07:29)
 # Seconds per row (training + validation) spent once before the first step: the child's start, the model
 # and the frozen encoders' outputs computed over every row (bench/task_cost.py's setup phase).
-ONCE_COST = {"image_text_classification": 0.045, "retrieval": 0.056}
+ONCE_COST = {"image_text_classification": 0.032, "retrieval": 0.040, ("retrieval", "locked_image"): 0.056}
 # Tasks that evaluate after every epoch; the others about 10 times per run (the tasks' max_evals).
 EVAL_EVERY_EPOCH = {"classification", "image_text_classification"}
 
@@ -383,10 +385,11 @@ def estimate_cpu_seconds(summary, cfg: TrainConfig) -> float:
     where there is no GPU)."""
     from .config import auto_epochs
 
-    per_train, per_val = CPU_COST.get(summary.task, CPU_COST["classification"])
+    key = (summary.task, cfg.method)
+    per_train, per_val = CPU_COST.get(key) or CPU_COST.get(summary.task, CPU_COST["classification"])
     epochs = cfg.epochs or auto_epochs(summary.num_train, cfg.batch_size)
     evals = epochs if summary.task in EVAL_EVERY_EPOCH else min(epochs, 10)
-    once = ONCE_COST.get(summary.task, 0.0) * (summary.num_train + summary.num_val)
+    once = ONCE_COST.get(key, ONCE_COST.get(summary.task, 0.0)) * (summary.num_train + summary.num_val)
     return once + epochs * summary.num_train * per_train + evals * summary.num_val * per_val
 
 

@@ -34,11 +34,12 @@ KNOWN_PARAMS = {"efficientnet_lite0": 3.4e6, "efficientnet_lite1": 4.1e6, "effic
                 "microsoft/git-base": 177e6, "Salesforce/blip-vqa-base": 385e6,
                 "HuggingFaceTB/SmolVLM-256M-Instruct": 256e6}
 VISION_SHARE = {"efficientnet_lite0+minilm": 0.11}  # the frozen encoder's share of the parameters
-# frozen_encoders (image + text: the fusion head, 0.63 M of 26.6 M) and locked_image (retrieval: MiniLM's top
-# layers and the projections, 4.7 M of 27.1 M) as the default models' start records count them.
+# frozen_encoders (image + text: the fusion head, 0.63 M of 26.6 M), frozen_towers (retrieval: the projections
+# and the temperature, 1.12 M of 27.1 M) and locked_image (retrieval: MiniLM's top layers and the projections,
+# 4.7 M of 27.1 M) as the default models' start records count them.
 TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01, "dora": 0.05, "ia3": 0.01, "loha": 0.1,
                    "lokr": 0.01, "oft": 0.02, "adapter": 0.02, "vpt": 0.002, "frozen_encoders": 0.024,
-                   "locked_image": 0.17}
+                   "frozen_towers": 0.041, "locked_image": 0.17}
 DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
                       "efficientnet_lite0+minilm": 128}
 WARN_SHARE = 0.7  # warn above this share of the memory available, refuse above all of it
