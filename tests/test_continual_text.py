@@ -1,10 +1,12 @@
-"""Continued captioning / VQA runs (mmdemo.continual's text part: memory, replay, forgetting table)."""
+"""Continued captioning / VQA runs (mmdemo.continual's text part: memory, replay, forgetting table) and peft
+prompt tuning of the offline text decoder."""
 
 import json
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmdemo.config import TrainConfig
 from mmdemo.continual import (MEMORY_TEXT_ROWS, load_memory, replay_repeats, save_text_memory,
@@ -15,7 +17,7 @@ from mmdemo.metrics import caption_metrics, vqa_metrics
 from mmdemo.runs import report_rows
 from mmdemo.tasks import TextRows, generate_texts
 from mmdemo.training import train
-from mmdemo.vlm import load_image_text_model
+from mmdemo.vlm import PROMPT_TOKENS, apply_text_method, build_image_text_model, load_image_text_model
 
 from test_vlm import COLORS, one_thread, picture  # noqa: F401 (one_thread: an autouse fixture, one torch thread)
 
@@ -170,3 +172,72 @@ def test_a_captioning_run_continues_through_the_child_process(tmp_path):
     assert rows["old", "exact_match"]["after"] == round(caption_metrics(texts, refs)["exact_match"], 4)
     assert rows["old", "cider"]["after"] == round(caption_metrics(texts, refs)["cider"], 4)
     assert set(load_memory(run_b)["label"]) == {first, second}
+
+
+# --- prompt tuning --------------------------------------------------------------------------------
+
+
+def test_prompt_tuning_is_refused_where_nothing_would_read_the_image(tmp_path):
+    from test_vlm import build_blip
+
+    fresh = build_image_text_model("vqa", "efficientnet_lite0+minilm", SIDE, pretrained=False)
+    with pytest.raises(UserInputError, match="Train it first with frozen_vision, lora or full"):
+        apply_text_method(fresh, "prompt_tuning")
+    blip = build_image_text_model("captioning", build_blip(tmp_path / "blip", vqa=False))
+    with pytest.raises(UserInputError, match="Use lora, frozen_vision or full"):
+        apply_text_method(blip, "prompt_tuning")
+
+
+def test_prompt_tuning_trains_only_the_prompts_and_saves_a_peft_adapter(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import BertLMHeadModel
+
+    from mmdemo.bakeoff import method_plan
+    from mmdemo.models import count_parameters
+
+    data = write_text_dataset(tmp_path / "data", "vqa", "color")
+    run_a, run_b = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
+    train(TrainConfig(task="vqa", data=data, output_dir=str(run_a), max_steps=2, **COMMON))
+    hidden = 384  # MiniLM-L6's width
+    plan = method_plan("vqa", str(run_a), [], "prompt_tuning")
+    assert plan["trainable_params"] == PROMPT_TOKENS * hidden
+    model = apply_text_method(load_image_text_model(run_a / "model"), "prompt_tuning")
+    assert count_parameters(model)[0] == PROMPT_TOKENS * hidden
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["decoder.prompt_encoder.default.embedding.weight"]
+
+    result = train(TrainConfig(task="vqa", data=data, output_dir=str(run_b), base_model=str(run_a),
+                               method="prompt_tuning", max_steps=4, keep_old="off", **COMMON))
+    start = next(json.loads(line) for line in (run_b / "metrics.jsonl").read_text().splitlines())
+    assert start["trainable_params"] == PROMPT_TOKENS * hidden
+    # Only the prompts changed: the decoder, projection and encoder files equal the base run's.
+    for name in ("text/model.safetensors", "projection.safetensors", "vision/model.safetensors"):
+        before, after = load_file(run_a / "model" / name), load_file(run_b / "model" / name)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), name
+    adapter = load_file(run_b / "model" / "adapter" / "adapter_model.safetensors")
+    assert [v.shape for v in adapter.values()] == [(PROMPT_TOKENS, hidden)]
+
+    # Reloaded through mmdemo, it writes what the trained model wrote in the run's last evaluation.
+    reloaded = load_image_text_model(run_b / "model").eval()
+    texts, _ = generated(run_b / "model", data, "validation", "vqa")
+    assert [e["predicted"] for e in result["examples"]] == texts
+    # Loaded with peft alone (the base decoder + adapter/), it computes the same loss as mmdemo's model.
+    decoder = PeftModel.from_pretrained(BertLMHeadModel.from_pretrained(run_b / "model" / "text"),
+                                        run_b / "model" / "adapter").eval()
+    items = [{"pixels": torch.randint(0, 256, (3, SIDE, SIDE), dtype=torch.uint8), "question": "what color?",
+              "answer": c} for c in ("red", "blue")]
+    batch = reloaded.collate(items)
+    with torch.no_grad():
+        memory = reloaded.encode(reloaded.pixels(batch["images"]))
+        ours = reloaded(**batch)
+        theirs = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         encoder_hidden_states=memory, labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    # An export keeps adapter/ (the card tags it); a merged one is refused, since prompts cannot merge.
+    from mmdemo.hub.export import export_run
+
+    with pytest.raises(UserInputError, match="cannot be merged"):
+        export_run(run_b, tmp_path / "merged", merged=True)
+    files = export_run(run_b, tmp_path / "export")
+    assert "adapter/adapter_model.safetensors" in files and "prompt-tuning" in (tmp_path / "export" / "README.md").read_text()
