@@ -59,6 +59,10 @@ def method_plan(task: str, base_model: str, labels: list[str], method: str, lora
     share = trainable / total if total else 0.0
     where = f"; adapts {len(layers)} layers ({', '.join(layers[:4])}{', …' if len(layers) > 4 else ''}) + the head" \
         if layers else ""
+    if method == "prompt_tuning":
+        from .vlm import PROMPT_TOKENS
+
+        where = f"; {PROMPT_TOKENS} learned vectors in front of the frozen text decoder's input"
     return {"method": method, "trainable_params": trainable, "total_params": total, "share": round(share, 5),
             "layers": layers,
             "text": f"{method}: {trainable:,} of {total:,} parameters train ({100 * share:.2f}%){where}"}

@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 CONTRASTIVE_LOSSES = ("auto", "infonce", "sigmoid")
 # What a run continued from a previous classification run does to keep its knowledge (mmdemo/continual.py).
 KEEP_OLD = ("both", "replay", "distill", "off")
+# Captioning / VQA continue with replay or off: "both" (the default) is replay there, distillation is refused.
+TEXT_KEEP_OLD_TASKS = ("captioning", "vqa")
 TEXT_TARGET_STEPS = 400
 # Past this the loss of any recipe here diverges within a few steps.
 MAX_LEARNING_RATE = 1.0
@@ -121,8 +123,9 @@ class TrainConfig:
     keep_best: bool = field(default=True, metadata={
         "help": "classification: end with the weights of the best validation evaluation, not the last"})
     keep_old: str = field(default=KEEP_OLD[0], metadata={
-        "help": "continuing a previous classification run: keep its classes by replaying its memory of training "
-                "images, distilling its outputs, both, or off", "choices": KEEP_OLD})
+        "help": "continuing a previous run: keep what it knew by replaying its memory of training images, distilling "
+                "its outputs, both, or off (captioning / VQA: replay of its image + text rows, or off; both = replay)",
+        "choices": KEEP_OLD})
     teacher: str = field(default="", metadata={
         "help": "classification: distil from this finished classification run (a run id of yours on the app, a run "
                 "directory on the CLI): its soft labels train the student ('' = off; mmdemo/distill.py)"})
@@ -150,6 +153,8 @@ class TrainConfig:
         defaults = TASK_SPECS[self.task].method_defaults[self.method]
         if not self.base_model:
             set_(self, "base_model", DEFAULT_MODELS[self.task])
+        if self.task in TEXT_KEEP_OLD_TASKS and self.keep_old == "both":  # no distillation for text: replay
+            set_(self, "keep_old", "replay")
         set_(self, "recipe", resolve_recipe(self.recipe, self.method) if self.task == "classification" else "plain")
         if not self.epochs and self.recipe == "lp-ft":  # epochs from the dataset's size (mmdemo/recipe.py)
             set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
@@ -208,6 +213,9 @@ class TrainConfig:
                      f"(got {self.recipe!r}, {self.hflip!r})")
         if self.keep_old not in KEEP_OLD:
             p.append(f"keep_old must be one of {', '.join(KEEP_OLD)} (got {self.keep_old!r})")
+        elif self.keep_old == "distill" and self.task in TEXT_KEEP_OLD_TASKS:
+            p.append(f"keep_old 'distill' applies to classification runs; a continued {self.task} run keeps what it "
+                     f"knew by replay (the default) or not at all (off)")
         if (self.distill_images or self.distill_baseline) and not self.teacher:
             p.append("distill_images and distill_baseline need a teacher run")
         if self.teacher and self.task != "classification":

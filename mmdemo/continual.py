@@ -12,6 +12,12 @@ memory's classes included). A run whose base model is a previous run then, by ``
 
 Its report gains a forgetting table: accuracy on the old classes, on the previous run's validation split,
 before (the previous model) and after (this one), and on the new classes of this run's validation split.
+
+Captioning and VQA runs (``TextContinual``) keep a memory of training rows instead (image + captions, or
+image + question + answers; ``MEMORY_TEXT_ROWS`` in all, shared equally by the runs they come from), replay
+it by ``keep_old`` ``replay`` (the default there: distillation is for classifiers) or ``off``, and report the
+old validation split's metric (VQA accuracy / exact match; CIDEr-D / exact match) before and after, and this
+run's validation metric before (the previous model) and after.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from .runs import CONFIG_FILE, META_FILE
 
 MEMORY_DIR = "memory"
 MEMORY_PER_CLASS = 30
+# Captioning / VQA: rows in a text run's memory, split equally among the runs they come from (a run's own rows
+# are one group, labelled with its run id), so a chain of continued runs keeps rows of each.
+MEMORY_TEXT_ROWS = 300
+TEXT_COLUMNS = {"captioning": ("captions",), "vqa": ("question", "answers")}
+TEXT_FORGETTING_METRICS = {"captioning": ("cider", "exact_match"), "vqa": ("vqa_accuracy", "exact_match")}
 # Distillation: softmax temperature and the weight of its term (LwF's values).
 TEMPERATURE, DISTILL_WEIGHT = 2.0, 1.0
 
@@ -44,20 +55,34 @@ def save_memory(run_dir: Path, split, class_names: list[str], previous: Path | N
                 per_class: int = MEMORY_PER_CLASS, seed: int = 0) -> int:
     """Writes ``run_dir/memory/``: a balanced sample of the training split's rows and, for a continued run,
     of the previous memory's (its classes kept). Returns the number of images kept."""
+    return write_memory(run_dir, split, [class_names[y] for y in split["label"]], previous, per_class, seed)
+
+
+def write_memory(run_dir: Path, split, labels: list[str], previous: Path | None, per_class: int, seed: int = 0,
+                 columns: tuple[str, ...] = ()) -> int:
+    """Writes ``run_dir/memory/`` from the rows of ``split`` (grouped by ``labels``, one per row) and the
+    previous run's memory: up to ``per_class`` rows per group, seeded. The memory holds the image, the group
+    (``label``) and the split's ``columns`` (a text task's captions or question and answers)."""
     import datasets
 
     def encoded(ds, rows):  # only the rows kept are read: a large split's images never all load
         return list(ds.select(rows).cast_column("image", datasets.Image(decode=False))["image"]) if rows else []
 
-    labels = [class_names[y] for y in split["label"]]
+    def values(ds, rows, column):
+        return list(ds.select(rows)[column]) if rows else []
+
     old = load_memory(previous) if previous else None
+    if old is not None and not set(columns) <= set(old.column_names):
+        old = None  # a memory of another kind (a run from before its task kept one): nothing to carry over
     old_labels = list(old["label"]) if old is not None else []
     keep = select_memory(labels + old_labels, per_class, seed)
     n = len(labels)
-    images = encoded(split, [i for i in keep if i < n]) + encoded(old, [i - n for i in keep if i >= n])
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
-    memory = datasets.Dataset.from_dict({"image": images, "label": [(labels + old_labels)[i] for i in keep]},
-                                        features=features)
+    new_rows, old_rows = [i for i in keep if i < n], [i - n for i in keep if i >= n]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string"),
+                                  **{c: split.features[c] for c in columns}})
+    memory = datasets.Dataset.from_dict(
+        {"image": encoded(split, new_rows) + encoded(old, old_rows), "label": [(labels + old_labels)[i] for i in keep],
+         **{c: values(split, new_rows, c) + values(old, old_rows, c) for c in columns}}, features=features)
     memory.save_to_disk(str(Path(run_dir) / MEMORY_DIR))
     return len(keep)
 
@@ -230,6 +255,101 @@ def setup(task, cfg, splits) -> Continual | None:
     only its forgetting table)."""
     previous = previous_model(cfg.base_model)
     return Continual(task, cfg, previous) if previous is not None else None
+
+
+def save_text_memory(run_dir: Path, split, task: str, previous: Path | None = None, rows: int = MEMORY_TEXT_ROWS,
+                     seed: int = 0) -> int:
+    """Writes a captioning / VQA run's ``memory/``: up to ``rows`` training rows, the same share from this
+    run's split and from each earlier run in the previous memory. Returns the number of rows kept."""
+    old = load_memory(previous) if previous else None
+    groups = {Path(run_dir).name} | (set(old["label"]) if old is not None else set())
+    return write_memory(run_dir, split, [Path(run_dir).name] * len(split), previous, max(1, rows // len(groups)), seed,
+                        TEXT_COLUMNS[task])
+
+
+class TextContinual:
+    """A captioning / VQA run continued from a previous one: the replay of its memory (``keep_old`` replay)
+    and the forgetting table of the report (also with ``off``)."""
+
+    def __init__(self, task, cfg, previous: tuple[Path, Path | None]):
+        from .tasks import TextRows
+
+        self.model_dir, self.run_dir = previous
+        self.task, self.mode = cfg.task, cfg.keep_old
+        self.memory_rows, self.repeats, self.note = 0, 0, ""
+        memory = load_memory(self.run_dir) if self.run_dir and self.mode == "replay" else None
+        if memory is not None and not set(TEXT_COLUMNS[cfg.task]) <= set(memory.column_names):
+            memory = None
+        if self.mode == "replay" and (memory is None or not len(memory)):
+            self.note = "the previous run has no memory of training rows (trained before text runs kept one): no replay"
+        elif memory is not None:
+            rows = TextRows(memory, task.image_size, cfg.task, True, cfg.seed, task.featurize)
+            self.memory_rows = len(rows)
+            # Each earlier run's rows are seen about as often per epoch as this run's (classification's rule).
+            self.repeats = replay_repeats(len(task.train_ds), 1, len(rows), len(set(memory["label"])))
+            task.train_ds = torch.utils.data.ConcatDataset([task.train_ds, _Repeated(rows, self.repeats)])
+
+    def report(self, model, task, predictions: list[str]) -> dict:
+        """The forgetting table (eval.json's ``forgetting``) and what was done (``continual``); ``predictions``:
+        the final model's texts for this run's validation rows."""
+        from .data import load_splits
+        from .tasks import TextRows, generate_texts
+        from .vlm import load_image_text_model
+
+        device = next(model.parameters()).device
+        before = load_image_text_model(self.model_dir).to(device).eval()
+        info = {"keep_old": self.mode, "memory_rows": self.memory_rows, "memory_repeats": self.repeats,
+                "distill": False}
+        new_refs = task.val_ds.references
+        new_before = generate_texts(before, task.val_ds, self.task, task.max_new_tokens, pixels_only=True)
+        data = _read_yaml(self.run_dir / CONFIG_FILE).get("data") if self.run_dir else None
+        try:
+            old_val = load_splits(data)["validation"] if data else None
+        except Exception:  # the previous run's dataset was removed: this run's figures only
+            old_val = None
+        old_refs = old_before = old_after = None
+        if old_val is not None and set(TEXT_COLUMNS[self.task]) <= set(old_val.column_names):
+            old_rows = TextRows(old_val, model.preprocess.image_size, self.task, False, 0)
+            old_refs = old_rows.references
+            old_after = generate_texts(model, old_rows, self.task, task.max_new_tokens)
+            if before.preprocess.image_size != model.preprocess.image_size:
+                old_rows = TextRows(old_val, before.preprocess.image_size, self.task, False, 0)
+            old_before = generate_texts(before, old_rows, self.task, task.max_new_tokens)
+        else:
+            why = "the previous run's dataset is gone" if self.run_dir else "the base model is a model folder, not a run"
+            self.note = "; ".join(filter(None, [self.note, f"{why}: no figures on its validation split"]))
+        if self.note:
+            info["note"] = self.note
+        del before
+        rows = text_forgetting_table(self.task, old_refs, old_before, old_after, new_refs, new_before, predictions)
+        return {"forgetting": rows, "continual": info}
+
+
+def text_forgetting_table(task: str, old_refs, old_before, old_after, new_refs, new_before, new_after) -> list[dict]:
+    """Rows of a captioning / VQA forgetting table: per metric (``TEXT_FORGETTING_METRICS``), the previous
+    run's validation split (group "old": the previous model's score before, this one's after) and this
+    run's (group "new"). ``*_refs``: each row's references; the others: each row's predicted text (None:
+    that group is left out)."""
+    from .metrics import caption_metrics, vqa_metrics
+
+    score = vqa_metrics if task == "vqa" else caption_metrics
+    rows = []
+    for group, refs, before, after in (("old", old_refs, old_before, old_after), ("new", new_refs, new_before, new_after)):
+        if not refs or after is None:
+            continue
+        b = score(before, refs) if before is not None else {}
+        a = score(after, refs)
+        for metric in TEXT_FORGETTING_METRICS[task]:
+            rb, ra = (round(b[metric], 4) if b else None), round(a[metric], 4)
+            rows.append({"group": group, "metric": metric, "support": len(refs), "before": rb, "after": ra,
+                         "change": round(ra - rb, 4) if rb is not None else None})
+    return rows
+
+
+def setup_text(task, cfg) -> TextContinual | None:
+    """The continual part of a captioning / VQA run whose base model is a saved captioning / VQA model."""
+    previous = previous_model(cfg.base_model)
+    return TextContinual(task, cfg, previous) if previous is not None else None
 
 
 def memory_info(run_dir: Path) -> dict:

@@ -39,7 +39,7 @@ VISION_SHARE = {"efficientnet_lite0+minilm": 0.11}  # the frozen encoder's share
 # 4.7 M of 27.1 M) as the default models' start records count them.
 TRAINABLE_SHARE = {"full": 1.0, "head": 0.002, "lora": 0.05, "bitfit": 0.01, "dora": 0.05, "ia3": 0.01, "loha": 0.1,
                    "lokr": 0.01, "oft": 0.02, "adapter": 0.02, "vpt": 0.002, "frozen_encoders": 0.024,
-                   "frozen_towers": 0.041, "locked_image": 0.17}
+                   "frozen_towers": 0.041, "locked_image": 0.17, "prompt_tuning": 0.0003}
 DEFAULT_IMAGE_SIZE = {"efficientnet_lite0": 160, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
                       "efficientnet_lite0+minilm": 128}
 WARN_SHARE = 0.7  # warn above this share of the memory available, refuse above all of it

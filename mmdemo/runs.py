@@ -162,15 +162,20 @@ def report_rows(result: dict) -> list[dict]:
                   "accuracy": result["accuracy"]}]
                 + [{"class": c, **m, "accuracy": None} for c, m in result["per_class"].items()]
                 + forgetting_rows(result))
-    return [{"metric": k, "value": result[k]} for k in REPORT_TEXT_METRICS if k in result]
+    return [{"metric": k, "value": result[k]} for k in REPORT_TEXT_METRICS if k in result] + forgetting_rows(result)
 
 
 def forgetting_rows(result: dict) -> list[dict]:
     """A continued run's forgetting table as report rows: old classes on the previous run's validation split
     (accuracy before -> after), new classes on this run's."""
+    rows = result.get("forgetting") or []
+    if rows and "metric" in rows[0]:  # captioning / VQA: one row per metric and split, before -> after
+        where = {"old": "previous run's validation", "new": "this run's validation"}
+        return [{"metric": f"{r['metric']} ({where[r['group']]})", "value": r["after"], "before": r["before"],
+                 "support": r["support"]} for r in rows]
     where = {"old": "old class, previous run's validation", "new": "new class"}
     return [{"class": f"{r['class']} ({where[r['group']]})", "support": r["support"], "accuracy": r["after"],
-             "accuracy before": r["before"]} for r in result.get("forgetting") or []]
+             "accuracy before": r["before"]} for r in rows]
 
 
 def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:

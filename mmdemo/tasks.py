@@ -241,9 +241,13 @@ class TextTask:
         if self.frozen and hasattr(self.model, "image_features"):
             self.model.eval()
             featurize = self.model.image_features
+        self.featurize = featurize
         self.train_ds = TextRows(splits["train"], self.image_size, cfg.task, True, cfg.seed, featurize)
         self.val_ds = TextRows(splits["validation"], self.image_size, cfg.task, False, cfg.seed, featurize)
         self.collate = self.model.collate
+        # A continued run replays its base run's memory of training rows (cfg.keep_old) and reports forgetting.
+        self.continual = continual.setup_text(self, cfg)
+        self.train_split, self.base_model, self.predictions = splits["train"], cfg.base_model, []
 
     def train_mode(self, model) -> None:
         model.train()
@@ -259,20 +263,10 @@ class TextTask:
         from accelerate.utils import gather_object
 
         model.eval()
-        inner = acc.unwrap_model(model)
         losses = [acc.gather_for_metrics(model(**batch).detach().reshape(1)).cpu() for batch in loader]
-        preds = []
-        # Questions of one length generate together (no padding): ordering by length first means a few
-        # large batches instead of several small ones per chunk.
-        order = sorted(range(len(self.val_ds)), key=lambda i: len(self.val_ds.questions[i]) if self.task == "vqa" else 0)
-        for chunk, start in enumerate(range(0, len(order), 64)):
-            if chunk % acc.num_processes != acc.process_index:
-                continue  # each process generates for its share of the chunks
-            idx = order[start:start + 64]
-            images = self.val_ds.pixels[self.val_ds.image_of[idx]]
-            questions = [self.val_ds.questions[i] for i in idx] if self.task == "vqa" else None
-            kw = {"features": self.val_ds.features[self.val_ds.image_of[idx]]} if self.val_ds.features is not None else {}
-            preds += list(zip(idx, inner.generate(images, questions, max_new_tokens=self.max_new_tokens, **kw)))
+        # each process generates for its share of the chunks
+        preds = generate_pairs(acc.unwrap_model(model), self.val_ds, self.task, self.max_new_tokens,
+                               (acc.process_index, acc.num_processes))
         preds = sorted(gather_object(preds) if acc.num_processes > 1 else preds)
         return torch.cat(losses).mean().item(), [p for _, p in preds]
 
@@ -280,6 +274,7 @@ class TextTask:
         from .metrics import caption_metrics, vqa_metrics
 
         val_loss, preds = self.predict(model, loader, acc)
+        self.predictions = preds  # the final report's, for the forgetting table of a continued run
         refs = self.val_ds.references
         scores = vqa_metrics(preds, refs) if self.task == "vqa" else caption_metrics(preds, refs)
         examples = [{"row": i, "question": self.val_ds.questions[i] if self.task == "vqa" else None,
@@ -294,6 +289,39 @@ class TextTask:
         peft_part = getattr(model, model.peft_attr)
         if hasattr(peft_part, "peft_config"):  # the adapter as well as the merged model
             peft_part.save_pretrained(model_dir / "adapter")
+        if self.continual:  # eval.json gets the forgetting table (result is written after this call)
+            result.update(self.continual.report(model, self, self.predictions))
+        previous = continual.previous_model(self.base_model)
+        continual.save_text_memory(run_dir, self.train_split, self.task, previous[1] if previous else None)
+
+
+@torch.no_grad()
+def generate_pairs(model, rows: TextRows, task: str, max_new_tokens: int, shard: tuple[int, int] = (0, 1),
+                   pixels_only: bool = False) -> list[tuple[int, str]]:
+    """(row, generated text) for the rows of ``rows`` in this process's share of the chunks of 64 (``shard``:
+    process index, count); ``pixels_only``: from the images even where ``rows`` holds encoder features (another
+    model's)."""
+    was_training = model.training
+    model.eval()
+    # Questions of one length generate together (no padding): ordering by length first means a few
+    # large batches instead of several small ones per chunk.
+    order = sorted(range(len(rows)), key=lambda i: len(rows.questions[i]) if task == "vqa" else 0)
+    preds = []
+    for chunk, start in enumerate(range(0, len(order), 64)):
+        if chunk % shard[1] != shard[0]:
+            continue
+        idx = order[start:start + 64]
+        images = rows.pixels[rows.image_of[idx]]
+        questions = [rows.questions[i] for i in idx] if task == "vqa" else None
+        kw = {"features": rows.features[rows.image_of[idx]]} if rows.features is not None and not pixels_only else {}
+        preds += list(zip(idx, model.generate(images, questions, max_new_tokens=max_new_tokens, **kw)))
+    model.train(was_training)
+    return preds
+
+
+def generate_texts(model, rows: TextRows, task: str, max_new_tokens: int, pixels_only: bool = False) -> list[str]:
+    """Every row's generated text, in row order (in this process)."""
+    return [text for _, text in sorted(generate_pairs(model, rows, task, max_new_tokens, pixels_only=pixels_only))]
 
 
 def make_task(cfg, splits):

@@ -49,11 +49,11 @@ def test_task_specs_give_the_config_and_card_tables():
     assert config.TASKS == ("classification", "captioning", "vqa", itc, rt)
     peft = ("dora", "ia3", "loha", "lokr", "oft", "adapter", "vpt")
     assert config.TASK_METHODS == {"classification": ("full", "head", "lora", "bitfit", *peft),
-                                   "captioning": ("frozen_vision", "full", "lora"),
-                                   "vqa": ("frozen_vision", "full", "lora"), itc: ("frozen_encoders", "full", "lora"),
+                                   "captioning": ("frozen_vision", "full", "lora", "prompt_tuning"),
+                                   "vqa": ("frozen_vision", "full", "lora", "prompt_tuning"), itc: ("frozen_encoders", "full", "lora"),
                                    rt: ("frozen_towers", "locked_image", "full", "lora")}
-    assert config.METHODS == ("full", "head", "lora", "bitfit", *peft, "frozen_vision", "frozen_encoders",
-                              "frozen_towers", "locked_image")
+    assert config.METHODS == ("full", "head", "lora", "bitfit", *peft, "frozen_vision", "prompt_tuning",
+                              "frozen_encoders", "frozen_towers", "locked_image")
     assert config.DEFAULT_MODELS == {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
                                      "vqa": "efficientnet_lite0+minilm", itc: "efficientnet_lite0+minilm",
                                      rt: "efficientnet_lite0+minilm"}

@@ -158,7 +158,8 @@ def build_train_tab(browser_id):
             with gr.Row():
                 fields["keep_old"] = gr.Radio(list(KEEP_OLD), value=KEEP_OLD[0], label="Keep what it knew",
                                               info="when the base model is a previous run: replay its memory of "
-                                                   "training images, distill its outputs, both, or off")
+                                                   "training images, distill its outputs, both, or off "
+                                                   "(captioning / VQA: both = replay; no distill)")
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start-training", interactive=False)
             stop = gr.Button("Stop", variant="stop")

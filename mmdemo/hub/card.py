@@ -59,7 +59,8 @@ def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
     repo = repo_id or f"your-name/{name}"
     adapter = (model_dir / "adapter" / "adapter_config.json").is_file() and not merged  # a peft adapter
     results = _eval_results(report, task, dataset)
-    tags = [TASK_TAGS[task], "mmdemo", family, cfg.get("method", "full")] + (["peft", "lora"] if adapter else [])
+    peft_tag = "prompt-tuning" if meta.get("prompt_tuning") else "lora"
+    tags = [TASK_TAGS[task], "mmdemo", family, cfg.get("method", "full")] + (["peft", peft_tag] if adapter else [])
     data = ModelCardData(library_name=LIBRARIES.get(family, family), pipeline_tag=PIPELINE_TAGS[task],
                          base_model=base, datasets=[dataset] if dataset else None,
                          license=_license(model_dir, family), tags=tags,

@@ -37,6 +37,10 @@ def export_run(run_dir, out_dir, *, repo_id: str | None = None, merged: bool = F
         raise UserInputError(f"This run was trained with '{method}', whose added modules cannot be merged into the "
                              f"weights (timm and transformers have no place for them): export it without --merged "
                              f"(merged=False); adapter/ then holds them, and the model card says how to load them.")
+    if merged and meta.get("prompt_tuning"):
+        raise UserInputError("This run was trained with 'prompt_tuning', whose learned prompt vectors cannot be merged "
+                             "into the weights: export it without --merged (merged=False); adapter/ then holds them "
+                             "(peft's PeftModel.from_pretrained loads them onto text/).")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"'{out.name}' already exists and is not empty; export into a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)

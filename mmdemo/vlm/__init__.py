@@ -23,11 +23,11 @@ from ..families import families, get_family, resolve_family
 from ..models import META_FILE, Preprocess
 from ..refs import local_dir
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
-from .composed import ComposedCaptioner, minilm_path
+from .composed import PROMPT_TOKENS, ComposedCaptioner, minilm_path, prompt_tuned
 from .hf import HFImageText
 
-__all__ = ["DEFAULT_TEXT_MODEL", "LORA_TARGETS", "ComposedCaptioner", "HFImageText", "ImageTextModel",
-           "apply_text_method", "build_image_text_model", "load_image_text_model", "load_text_predictor",
+__all__ = ["DEFAULT_TEXT_MODEL", "LORA_TARGETS", "PROMPT_TOKENS", "ComposedCaptioner", "HFImageText", "ImageTextModel",
+           "apply_prompt_tuning", "apply_text_method", "build_image_text_model", "load_image_text_model", "load_text_predictor",
            "minilm_path", "save_image_text_model"]
 
 LORA_TARGETS = {name: list(cls.lora_targets) for name, cls in families("image-text").items()}
@@ -59,7 +59,10 @@ def load_text_predictor(key: str, task: str) -> ImageTextModel:
 
 def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_alpha: int = 16) -> ImageTextModel:
     """``full``: everything trains; ``frozen_vision``: all but the image encoder; ``lora``: adapters
-    on the attention projections plus the new parts in full."""
+    on the attention projections plus the new parts in full; ``prompt_tuning``: peft's learned virtual
+    tokens before the text decoder's input, nothing else (a decoder that already reads images only)."""
+    if method == "prompt_tuning":
+        return apply_prompt_tuning(model)
     model.requires_grad_(True)
     if method == "full":
         return model
@@ -68,7 +71,8 @@ def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_
     if method == "frozen_vision":
         return model
     if method != "lora":
-        raise UserInputError(f"Unknown method '{method}' for {model.task}; use full, frozen_vision or lora.")
+        raise UserInputError(f"Unknown method '{method}' for {model.task}; use full, frozen_vision, lora or "
+                             f"prompt_tuning.")
     from peft import LoraConfig, get_peft_model
 
     attr = model.peft_attr
@@ -78,6 +82,25 @@ def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_
                                                            target_modules=list(model.lora_targets))))
     for name in model.trainable_extra():
         model.get_submodule(name).requires_grad_(True)
+    return model
+
+
+def apply_prompt_tuning(model: ImageTextModel, tokens: int = PROMPT_TOKENS) -> ImageTextModel:
+    """peft prompt tuning (PromptTuningConfig, CAUSAL_LM) on the family's text decoder: ``tokens`` learned input
+    embeddings, started from random vocabulary embeddings; every other weight frozen. Refused, with the reason
+    and the methods that work, where the family cannot take it."""
+    problem = model.prompt_tuning_problem()
+    if problem:
+        raise UserInputError(problem)
+    model.requires_grad_(False)
+    inner = getattr(model, model.peft_attr)
+    if prompt_tuned(inner):  # a prompt-tuned run continued: its prompts train on
+        inner.prompt_encoder.requires_grad_(True)
+        return model
+    from peft import PromptTuningConfig, get_peft_model
+
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens, prompt_tuning_init="SAMPLE_VOCAB")
+    setattr(model, model.peft_attr, get_peft_model(inner, config))
     return model
 
 

@@ -67,3 +67,10 @@ class ImageTextModel(nn.Module):
     def trainable_extra(self) -> list[str]:
         """Modules that train in full under LoRA (new, randomly initialised parts)."""
         return []
+
+    def prompt_tuning_problem(self) -> str:
+        """Why this model cannot be prompt-tuned ("" when it can)."""
+        return (f"prompt_tuning is built for the offline {DEFAULT_TEXT_MODEL} decoder: peft's prompt tuning prepends "
+                f"learned vectors to the decoder's input embeddings, and BLIP's forward takes no input embeddings while "
+                f"GIT and chat models put the image tokens into that same sequence, which mmdemo does not shift for "
+                f"prompts. Use lora, frozen_vision or full for '{self.base_model}'.")
