@@ -264,7 +264,8 @@ def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[st
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None) -> dict:
+def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None,
+                probe_sizes: tuple = ()) -> dict:
     from mmdemo.data import ingest_dataset
 
     raw = workspace / name
@@ -287,7 +288,7 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrid
             benchlib.emit(f"{name}_default_test_accuracy", round(d["accuracy"], 4), seed=seed, seconds=d["seconds"],
                           cpu_seconds=d["cpu_seconds"], val_accuracy=d["val_accuracy"], recipe=d["recipe"])
         row["default"] = _mean_of([(d["accuracy"], d["seconds"], d["cpu_seconds"]) for d in defaults])
-    sizes = sorted({PROBE_SIZE, *(d["image_size"] for d in defaults)})
+    sizes = sorted({PROBE_SIZE, *probe_sizes, *(d["image_size"] for d in defaults)})
     if "probe" not in skip:
         for size in sizes:
             for method, (acc, seconds) in frozen_feature_methods(data, classes, size).items():
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="all", choices=("all", *BUILDERS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=("default", "probe", "naive"))
+    parser.add_argument("--probe-sizes", type=int, nargs="*", default=[],
+                        help="also probe at these sides (the default's, when it is skipped)")
     parser.add_argument("--keep", default="", help="keep the datasets and runs in this folder")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="candidate changes to the default (TrainConfig fields), echoed in every line")
@@ -332,7 +335,7 @@ def main(argv=None) -> int:
     table = {}
     try:
         for name in names:
-            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides)
+            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides, tuple(args.probe_sizes))
     finally:
         if not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
