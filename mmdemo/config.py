@@ -123,7 +123,7 @@ class TrainConfig:
                 "or text, on otherwise)", "choices": SWITCHES})
     lr_schedule: str = field(default="auto", metadata={
         "help": "learning-rate schedule: cosine (warm-up_ratio of the steps warming up, then cosine to 0), one-cycle "
-                "(30% warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "
+                "(0.3 of the steps warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "
                 "0.95 and 0.85) or auto (one-cycle for a full classification fine-tune, cosine otherwise)",
         "choices": LR_SCHEDULES})
     keep_best: str = field(default="auto", metadata={
