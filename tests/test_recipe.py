@@ -70,7 +70,8 @@ def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tm
 def test_random_crops_only_for_images_with_enough_pixels_of_their_own():
     from mmdemo.images import TRAIN_MARGIN, ImageTensors
 
-    assert recipe.use_crops([(96, 96)] * 3, 128) and recipe.use_crops([(64, 80)] * 3, 128)  # half the side
+    assert recipe.use_crops([(96, 96)] * 3, 128) and recipe.use_crops([(640, 480)] * 3, 160)  # 3/4 of the side
+    assert not recipe.use_crops([(64, 80)] * 3, 128)  # upscaled 2 x: no crops
     assert not recipe.use_crops([(32, 32), (25, 25), (640, 480)], 128)  # upscaled digits / faces: no crops
     split = {"image": [photo_crop(i, side=40) for i in range(4)], "label": [0, 1, 0, 1]}
     cropped = ImageTensors(split, 32, [0, 1], train=True, hflip=False, crop=True)
