@@ -120,7 +120,7 @@ class TrainConfig:
         "choices": RECIPES})
     hflip: str = field(default="auto", metadata={
         "help": "random horizontal flips in the augmentation (auto: off for glyph-like images such as digits "
-                "or text, on otherwise)", "choices": SWITCHES})
+                "or text and for images too small for random crops, on otherwise)", "choices": SWITCHES})
     lr_schedule: str = field(default="auto", metadata={
         "help": "learning-rate schedule: cosine (warm-up_ratio of the steps warming up, then cosine to 0), one-cycle "
                 "(0.3 of the steps warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "

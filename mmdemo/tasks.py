@@ -39,8 +39,8 @@ class ClassificationTask:
                                              if follows_data(cfg.recipe, cfg.method) else native)
         self.model.preprocess.image_size = self.image_size
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
-        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images))
         self.crop = use_crops([im.size for im in images], self.image_size)
+        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images), self.crop)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
         # Written to config.yaml by the loop.

@@ -140,6 +140,8 @@ def test_no_flip_for_glyphs_flip_for_photos_and_the_user_decides():
     assert not recipe.glyph_like(photos) and not recipe.glyph_like(grey_photos)
     assert recipe.use_hflip("auto", glyphs) is False and recipe.use_hflip("auto", photos) is True
     assert recipe.use_hflip("on", glyphs) is True and recipe.use_hflip("off", photos) is False
+    # Images too small for crops get no flips either, unless asked for.
+    assert recipe.use_hflip("auto", photos, crops=False) is False and recipe.use_hflip("on", photos, crops=False)
 
 
 def _conv_net():
