@@ -1,8 +1,9 @@
 """The default classification recipe: decisions taken from the data, and the phases they add to the loop.
 
 Pure decisions (no torch at import): the number of epochs from the dataset's size, the input side from
-the images' own resolution, whether a horizontal flip is a safe augmentation (not for digits, letters or
-other glyphs), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
+the images' own resolution, whether random crops and horizontal flips are safe augmentations (not for tiny
+upscaled images; no flips for digits, letters or other glyphs), whether the best evaluation is kept (only
+on a validation split big enough to tell), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
 frozen features before everything trains (LP-FT), and keeping the weights of the best evaluation.
 
 The figures that chose these rules are in bench/RESULTS.md (``bench/recipes.py``).
@@ -29,7 +30,8 @@ MIN_SIDE = 128
 GREY_SPREAD, EXTREME_SHARE = 8.0, 0.5
 BEST_FILE = "best.safetensors"
 # Images with a median shorter side under this share of the training side (upscaled more than 1.5 x) get no
-# random crops: with them the 64 px shapes at 128 px scored 0.967 / 1.0 on two seeds, 1.0 / 1.0 without.
+# random crops: with them the 64 px shapes at 128 px scored 0.967 / 1.0 on two seeds, 1.0 / 0.978 with flips
+# only and 1.0 on three seeds with neither (bench/RESULTS.md).
 CROP_MIN_SHARE = 2 / 3
 # Validation images from which keeping the best evaluation (rather than the last) is the automatic choice.
 # Below this, one image is more than 0.2 points and the best of several evaluations is mostly the luckiest:
