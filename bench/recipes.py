@@ -24,7 +24,9 @@ Methods, all on EfficientNet-Lite0 with the package's ImageNet weights:
   then the saved run_dir/model on the test split.
 
 Prints one JSON line per figure (bench/benchlib.py) and a ``{"summary": ...}`` line; each line carries the
-1-minute load average. Times are wall seconds of the whole method (decode, training, final prediction).
+1-minute load average. Times are wall (``seconds``) and CPU (``cpu_seconds``) seconds of the whole method
+(decode, training, final prediction; the engine's run also writes its reports: model, confusion matrix,
+replay memory); ``train_seconds`` is the training loop's wall time alone (steps and evaluations).
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ def naive_finetune(data: dict, classes: list[str], seed: int) -> tuple[float, fl
     opt = torch.optim.AdamW(net.parameters(), lr=NAIVE["learning_rate"], weight_decay=NAIVE["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, NAIVE["learning_rate"], total_steps=epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
+    t1, c1 = time.time(), time.process_time()
     for _ in range(epochs):
         net.train()
         for idx in torch.randperm(len(x_train), generator=g).split(bs):
@@ -223,8 +226,9 @@ def naive_finetune(data: dict, classes: list[str], seed: int) -> tuple[float, fl
             loss.backward()
             opt.step()
             sched.step()
+    loop = {"train_seconds": round(time.time() - t1, 1), "train_cpu_seconds": round(time.process_time() - c1, 1)}
     accuracy = _net_accuracy(net, data["test"], NAIVE["image_size"])
-    return accuracy, round(time.time() - t0, 1), round(time.process_time() - c0, 1)
+    return accuracy, round(time.time() - t0, 1), round(time.process_time() - c0, 1), loop
 
 
 @torch.no_grad()
@@ -255,16 +259,20 @@ def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[st
         logits = torch.cat([net(_normalised(x[i:i + 64])) for i in range(0, len(x), 64)])
     preds = logits[:, order].argmax(-1)
     cfg = TrainConfig.load(run_dir / "config.yaml")
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output_dir", "extra")}
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "output_dir")}
+    # The training loop alone (first to last metrics record: steps and evaluations), without the run's setup
+    # and its reports (model, confusion matrix, replay memory).
+    times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"accuracy": float((preds == y).float().mean()), "seconds": seconds, "cpu_seconds": cpu,
-            "val_accuracy": result["accuracy"],
+            "val_accuracy": result["accuracy"], "train_seconds": round(times[-1] - times[0], 1),
             "image_size": clf.preprocess.image_size, "recipe": recipe}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None) -> dict:
+def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None,
+                probe_sizes: tuple = ()) -> dict:
     from mmdemo.data import ingest_dataset
 
     raw = workspace / name
@@ -285,9 +293,10 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrid
             d = engine_default(summary.path, workspace / f"run-{name}-{seed}", data, classes, seed, overrides)
             defaults.append(d)
             benchlib.emit(f"{name}_default_test_accuracy", round(d["accuracy"], 4), seed=seed, seconds=d["seconds"],
-                          cpu_seconds=d["cpu_seconds"], val_accuracy=d["val_accuracy"], recipe=d["recipe"])
+                          cpu_seconds=d["cpu_seconds"], train_seconds=d["train_seconds"], val_accuracy=d["val_accuracy"],
+                          recipe=d["recipe"])
         row["default"] = _mean_of([(d["accuracy"], d["seconds"], d["cpu_seconds"]) for d in defaults])
-    sizes = sorted({PROBE_SIZE, *(d["image_size"] for d in defaults)})
+    sizes = sorted({PROBE_SIZE, *probe_sizes, *(d["image_size"] for d in defaults)})
     if "probe" not in skip:
         for size in sizes:
             for method, (acc, seconds) in frozen_feature_methods(data, classes, size).items():
@@ -298,10 +307,10 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrid
     if "naive" not in skip:
         runs = []
         for seed in seeds:
-            acc, seconds, cpu = naive_finetune(data, classes, seed)
+            acc, seconds, cpu, loop = naive_finetune(data, classes, seed)
             runs.append((acc, seconds, cpu))
             benchlib.emit(f"{name}_naive_ft_test_accuracy", round(acc, 4), seed=seed, seconds=seconds, cpu_seconds=cpu,
-                          **NAIVE)
+                          **loop, **NAIVE)
         row["naive_ft"] = _mean_of(runs)
     return row
 
@@ -316,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default="all", choices=("all", *BUILDERS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=("default", "probe", "naive"))
+    parser.add_argument("--probe-sizes", type=int, nargs="*", default=[],
+                        help="also probe at these sides (the default's, when it is skipped)")
     parser.add_argument("--keep", default="", help="keep the datasets and runs in this folder")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="candidate changes to the default (TrainConfig fields), echoed in every line")
@@ -332,7 +343,7 @@ def main(argv=None) -> int:
     table = {}
     try:
         for name in names:
-            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides)
+            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides, tuple(args.probe_sizes))
     finally:
         if not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)

@@ -11,7 +11,7 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
-from .recipe import LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, resolve_recipe
+from .recipe import LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, follows_data, resolve_recipe
 from .taskspec import TASK_SPECS
 from .tracking import project_problem
 
@@ -26,6 +26,7 @@ METHODS = tuple(dict.fromkeys(m for spec in TASK_SPECS.values() for m in spec.me
 BASE_MODELS = {name: spec.base_models for name, spec in TASK_SPECS.items()}
 DEFAULT_MODELS = {name: spec.default_model for name, spec in TASK_SPECS.items()}
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULES = ("auto", "cosine", "one-cycle")
 CONTRASTIVE_LOSSES = ("auto", "infonce", "sigmoid")
 # What a run continued from a previous classification run does to keep its knowledge (mmdemo/continual.py).
 KEEP_OLD = ("both", "replay", "distill", "off")
@@ -79,18 +80,20 @@ class TrainConfig:
     method: str = field(default="", metadata={"help": "what trains ('' = the task's first method)", "choices": METHODS})
     pretrained: bool = field(default=True, metadata={"help": "start from the base model's pretrained weights"})
     epochs: int = field(default=0, metadata={"help": "passes over the training split (0 = the method's default; "
-                                                     "recipe lp-ft: from the dataset's size)"})
+                                                     "full fine-tune and recipe lp-ft: from the dataset's size)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
     batch_size: int = field(default=0, metadata={"help": "images per step (0 = the method's default; on a GPU "
                                                          "trained in the largest micro-batches that fit)"})
-    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; recipe "
-                                                         "lp-ft: from the images' resolution, 96 px up to the model's own)"})
+    image_size: int = field(default=0, metadata={"help": "input side in pixels (0 = the base model's own; full "
+                                                         "fine-tune and recipe lp-ft: from the images' resolution, "
+                                                         "128 px up to the model's own)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (0 = the method's default; recipe "
                                                                "lp-ft: 1e-3)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, in [0, 1)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})
-    augment: bool = field(default=True, metadata={"help": "random crops and flips (classification)"})
+    augment: bool = field(default=True, metadata={"help": "random crops and flips (classification; no crops for "
+                                                           "images under two thirds of the input side, no flips per hflip)"})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "evaluations without improvement before stopping (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})
@@ -119,9 +122,16 @@ class TrainConfig:
         "choices": RECIPES})
     hflip: str = field(default="auto", metadata={
         "help": "random horizontal flips in the augmentation (auto: off for glyph-like images such as digits "
-                "or text, on otherwise)", "choices": SWITCHES})
-    keep_best: bool = field(default=True, metadata={
-        "help": "classification: end with the weights of the best validation evaluation, not the last"})
+                "or text and for images too small for random crops, on otherwise)", "choices": SWITCHES})
+    lr_schedule: str = field(default="auto", metadata={
+        "help": "learning-rate schedule: cosine (warm-up_ratio of the steps warming up, then cosine to 0), one-cycle "
+                "(0.3 of the steps warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "
+                "0.95 and 0.85) or auto (one-cycle for a full classification fine-tune, cosine otherwise)",
+        "choices": LR_SCHEDULES})
+    keep_best: str = field(default="auto", metadata={
+        "help": "classification: end with the weights of the best validation evaluation, not the last (auto: on "
+                "from 500 validation images, where the best is not a lucky draw of a small split)",
+        "choices": SWITCHES})
     keep_old: str = field(default=KEEP_OLD[0], metadata={
         "help": "continuing a previous run: keep what it knew by replaying its memory of training images, distilling "
                 "its outputs, both, or off (captioning / VQA: replay of its image + text rows, or off; both = replay)",
@@ -156,7 +166,10 @@ class TrainConfig:
         if self.task in TEXT_KEEP_OLD_TASKS and self.keep_old == "both":  # no distillation for text: replay
             set_(self, "keep_old", "replay")
         set_(self, "recipe", resolve_recipe(self.recipe, self.method) if self.task == "classification" else "plain")
-        if not self.epochs and self.recipe == "lp-ft":  # epochs from the dataset's size (mmdemo/recipe.py)
+        data_rules = self.task == "classification" and follows_data(self.recipe, self.method)
+        if self.lr_schedule == "auto":
+            set_(self, "lr_schedule", "one-cycle" if data_rules else "cosine")
+        if not self.epochs and data_rules:  # epochs from the dataset's size (mmdemo/recipe.py)
             set_(self, "epochs", epochs_for_dataset(self.data, self.batch_size or defaults["batch_size"]))
         if not self.learning_rate and self.recipe == "lp-ft":
             set_(self, "learning_rate", LP_FT_LEARNING_RATE)
@@ -208,9 +221,11 @@ class TrainConfig:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
         if self.contrastive_loss not in CONTRASTIVE_LOSSES:
             p.append(f"contrastive_loss must be auto, infonce or sigmoid (got {self.contrastive_loss!r})")
-        if self.recipe not in RECIPES or self.hflip not in SWITCHES:
-            p.append(f"recipe must be one of {', '.join(RECIPES)} and hflip one of {', '.join(SWITCHES)} "
-                     f"(got {self.recipe!r}, {self.hflip!r})")
+        if self.recipe not in RECIPES or self.hflip not in SWITCHES or self.keep_best not in SWITCHES:
+            p.append(f"recipe must be one of {', '.join(RECIPES)}, and hflip and keep_best one of {', '.join(SWITCHES)} "
+                     f"(got {self.recipe!r}, {self.hflip!r}, {self.keep_best!r})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            p.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         if self.keep_old not in KEEP_OLD:
             p.append(f"keep_old must be one of {', '.join(KEEP_OLD)} (got {self.keep_old!r})")
         elif self.keep_old == "distill" and self.task in TEXT_KEEP_OLD_TASKS:
@@ -238,6 +253,8 @@ class TrainConfig:
             try:
                 if f.type in PARSERS:
                     value = PARSERS[f.type](f.name, value)
+                elif f.type == "str" and f.metadata.get("choices") == SWITCHES and isinstance(value, bool):
+                    value = "on" if value else "off"  # a switch given as a boolean (configs written before it had auto)
                 elif f.type == "str":
                     value = _as_text(f.name, value)
                 elif f.type == "dict":

@@ -75,18 +75,21 @@ class ImageTensors(torch.utils.data.Dataset):
     """A dataset split decoded once into one uint8 tensor; training never decodes files again."""
 
     def __init__(self, split, image_size: int, label_map: list[int], train: bool, labels: bool = True,
-                 hflip: bool = True, images=None):
+                 hflip: bool = True, images=None, crop: bool = True):
+        """``train``: augmented (random resized crops where ``crop``, horizontal flips where ``hflip``); with
+        neither, the training images are what validation sees."""
         from torchvision.transforms import v2
 
-        self.train = train
-        side = round(image_size * TRAIN_MARGIN) if train else image_size
+        self.train = train and (crop or hflip)
+        side = round(image_size * TRAIN_MARGIN) if self.train and crop else image_size
         images = [resize_center_crop(img, side) for img in (split["image"] if images is None else images)]
         self.pixels = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
         self.labels = torch.tensor([label_map[y] for y in split["label"]] if labels else [0] * len(images),
                                    dtype=torch.long)
         self.row_ids = list(range(len(self.labels)))
-        self.augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)]
-                                  + ([v2.RandomHorizontalFlip()] if hflip else []))
+        steps = (([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)] if crop else [])
+                 + ([v2.RandomHorizontalFlip()] if hflip else []))
+        self.augment = v2.Compose(steps) if steps else None
 
     def __len__(self):
         return len(self.labels)

@@ -1,8 +1,9 @@
 """The default classification recipe: decisions taken from the data, and the phases they add to the loop.
 
 Pure decisions (no torch at import): the number of epochs from the dataset's size, the input side from
-the images' own resolution, whether a horizontal flip is a safe augmentation (not for digits, letters or
-other glyphs), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
+the images' own resolution, whether random crops and horizontal flips are safe augmentations (not for tiny
+upscaled images; no flips for digits, letters or other glyphs), whether the best evaluation is kept (only
+on a validation split big enough to tell), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
 frozen features before everything trains (LP-FT), and keeping the weights of the best evaluation.
 
 The figures that chose these rules are in bench/RESULTS.md (``bench/recipes.py``).
@@ -16,17 +17,27 @@ from pathlib import Path
 RECIPES = ("auto", "lp-ft", "plain")
 SWITCHES = ("auto", "on", "off")
 # Optimizer steps a small dataset should get at least, and the epochs the rule stays between: below
-# about 100 steps a few hundred images are underfitted; past 6 epochs at 96 px a run costs more than
-# 5 epochs of a plain fine-tune at 128 px.
+# about 100 steps a few hundred images are underfitted; past 5 epochs at 128 px a run costs more than the
+# naive fine-tune it must beat (5 epochs at 128 px, bench/recipes.py).
 TARGET_STEPS = 100
-MIN_EPOCHS, MAX_EPOCHS = 3, 6
-# Tiny images (8 px digits, 25 px faces) still need a few pixels per stride-32 cell: upscaling to 96 px
-# helps them, and going further only costs time.
-MIN_SIDE = 96
+MIN_EPOCHS, MAX_EPOCHS = 3, 5
+# Tiny images (8 px digits, 25 px faces) still need a few pixels per stride-32 cell: upscaled to 128 px
+# (a 4 x 4 final feature map). At 96 px the full fine-tune lost to the naive one at 128 on digits (0.81 vs
+# 0.88) and the frozen features' probe on faces (0.971 vs 1.0) (bench/RESULTS.md).
+MIN_SIDE = 128
 # Glyph-like: near-grey (mean channel spread below this, 0..255) and most pixels at the ink or paper
 # extremes of each image's range.
 GREY_SPREAD, EXTREME_SHARE = 8.0, 0.5
 BEST_FILE = "best.safetensors"
+# Images with a median shorter side under this share of the training side (upscaled more than 1.5 x) get no
+# random crops: with them the 64 px shapes at 128 px scored 0.967 / 1.0 on two seeds, 1.0 / 0.978 with flips
+# only and 1.0 on three seeds with neither (bench/RESULTS.md).
+CROP_MIN_SHARE = 2 / 3
+# Validation images from which keeping the best evaluation (rather than the last) is the automatic choice.
+# Below this, one image is more than 0.2 points and the best of several evaluations is mostly the luckiest:
+# on bench/recipes.py's 30 to 100-image validation splits the best kept scored 0.95 on validation where the
+# test split gave 0.815.
+KEEP_BEST_MIN_VAL = 500
 # LP-FT's second phase where no learning rate is given. 3e-4 lost to 1e-3 on three of four datasets of
 # bench/recipes.py (photos 0.856 vs 0.931, digits 0.64 vs 0.77); the first epoch after the head phase still
 # drops validation accuracy (digits 0.82 -> 0.45), which points at BatchNorm statistics, not the rate.
@@ -84,17 +95,42 @@ def glyph_like(images) -> bool:
     return float(np.median(spreads)) < GREY_SPREAD and float(np.median(shares)) > EXTREME_SHARE
 
 
-def use_hflip(setting: str, images) -> bool:
-    """The flip switch resolved: "on" / "off" as given, "auto" off for glyph-like images."""
+def use_hflip(setting: str, images, crops: bool = True) -> bool:
+    """The flip switch resolved: "on" / "off" as given, "auto" off for glyph-like images and for images too
+    small for random crops (``crops`` False, ``use_crops``): without flips the 64 px shapes at 128 px scored
+    1.0 on three seeds (0.978 to 1.0 with them) and the 25 px faces 0.986 (0.981) (bench/RESULTS.md)."""
     if setting in ("on", "off"):
         return setting == "on"
-    return not glyph_like(images)
+    return crops and not glyph_like(images)
 
 
 def resolve_recipe(recipe: str, method: str) -> str:
     """"auto": plain for now. LP-FT is opt-in: on bench/recipes.py's four datasets it beat the naive full
     fine-tune on faces and photos but lost on digits (0.77 vs 0.895) and shapes (0.978 vs 1.0)."""
     return "plain" if recipe == "auto" else recipe
+
+
+def use_crops(sizes, side: int) -> bool:
+    """Whether random resized crops suit images of ``sizes`` ((width, height) pairs) trained at ``side``: not
+    where their median shorter side is under CROP_MIN_SHARE of it (8 px digits, 25 px faces or 64 px shapes
+    upscaled to 128 px), whose few real pixels a crop of half the image cuts into (a digit's stroke, an eye)."""
+    sides = sorted(min(w, h) for w, h in sizes)
+    return not sides or sides[len(sides) // 2] >= CROP_MIN_SHARE * side
+
+
+def use_keep_best(setting: str, num_val: int) -> bool:
+    """The keep-best switch resolved: "on" / "off" as given, "auto" on from KEEP_BEST_MIN_VAL validation
+    images, where the best evaluation is a better pick than the last one and not a lucky draw."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return num_val >= KEEP_BEST_MIN_VAL
+
+
+def follows_data(recipe: str, method: str) -> bool:
+    """Whether a classification run's epochs and input side left at 0 come from the data (the rules above):
+    where the whole network trains (the full method, and LP-FT whatever the method), since it adapts to the
+    images' own scale; a frozen or adapted backbone keeps the model's own side and the method's epochs."""
+    return recipe == "lp-ft" or method == "full"
 
 
 def sample(items, k: int = 64) -> list:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
-from .recipe import fit_head, image_side, sample, use_hflip
+from .recipe import fit_head, follows_data, image_side, sample, use_crops, use_hflip
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -36,15 +36,18 @@ class ClassificationTask:
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
         native = self.model.preprocess.image_size
         self.image_size = cfg.image_size or (image_side([im.size for im in images], native)
-                                             if cfg.recipe == "lp-ft" else native)
+                                             if follows_data(cfg.recipe, cfg.method) else native)
         self.model.preprocess.image_size = self.image_size
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
-        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images))
+        self.crop = use_crops([im.size for im in images], self.image_size)
+        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images), self.crop)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
-        self.resolved = {"hflip": "on" if self.hflip else "off"}  # written to config.yaml by the loop
+        # Written to config.yaml by the loop.
+        self.resolved = {"hflip": "on" if self.hflip else "off",
+                         "extra": {**cfg.extra, "random_crops": cfg.augment and self.crop}}
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
-                                     hflip=self.hflip, images=images)
+                                     hflip=self.hflip, images=images, crop=self.crop)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.labelled_ds = self.train_ds
         self.collate = None

@@ -22,6 +22,7 @@ from .memory import peak_memory_mb
 from .fit import Fitter, fitter_for_run
 from .models import count_parameters
 from .procs import process_start_time
+from .recipe import use_keep_best
 from .progress import dumps
 from .checkpoints import resume_checkpoint, save_checkpoint
 from .runs import CONFIG_FILE, EVAL_FILE, METRICS_FILE, STOP_FILE, write_json_atomic, write_status
@@ -123,8 +124,10 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)
     task = make_task(cfg, load_splits(cfg.data))
+    # Keeping the best evaluation: tasks scored by accuracy, on a validation split big enough to trust.
+    keep_best = task.main_metric == "accuracy" and use_keep_best(cfg.keep_best, len(task.val_ds))
     cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size),
-                  **getattr(task, "resolved", {}))
+                  keep_best="on" if keep_best else "off", **getattr(task, "resolved", {}))
     if main:
         _save_config(cfg, run_dir / CONFIG_FILE)
 
@@ -214,6 +217,9 @@ def _optimizer(clf, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.lr_schedule == "one-cycle":  # torch's defaults: what bench/recipes.py's naive fine-tune uses
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=max(1, total_steps))
     from transformers import get_cosine_schedule_with_warmup
 
     return get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -233,7 +239,7 @@ class _Loop:
         self.best, self.bad_epochs = state.get("best"), state.get("bad_epochs", 0)
         self.best_step = state.get("best_step", 0)
         # Classification evaluates every epoch and may end on the best one's weights (recipe.save_best).
-        self.keep_best = cfg.keep_best and task.main_metric == "accuracy"
+        self.keep_best = cfg.keep_best == "on"
         self.samples_per_rank = [0] * acc.num_processes
         self.samples = 0
         self.report = None  # the latest evaluation's full report

@@ -44,7 +44,7 @@ def test_epoch_rule_gives_small_datasets_more_passes_within_bounds():
     assert epochs == sorted(epochs, reverse=True)  # more images, fewer passes
     assert epochs[0] == recipe.MAX_EPOCHS and epochs[-1] == recipe.MIN_EPOCHS
     assert recipe.classification_epochs(800, 16) * 50 >= recipe.TARGET_STEPS  # 50 steps per epoch
-    assert recipe.classification_epochs(300, 16) == 6 and recipe.classification_epochs(1600, 16) == 3
+    assert recipe.classification_epochs(300, 16) == 5 and recipe.classification_epochs(1600, 16) == 3
 
 
 def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tmp_path):
@@ -55,12 +55,74 @@ def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tm
     assert TrainConfig(data=str(tmp_path), output_dir="o", recipe="lp-ft").epochs == recipe.MAX_EPOCHS
     assert TrainConfig(data=str(tmp_path), output_dir="o", recipe="lp-ft", epochs=2).epochs == 2
     assert TrainConfig(data=str(tmp_path), output_dir="o").recipe == "plain"  # auto: LP-FT is opt-in
+    # The full fine-tune (the default method) follows the data too; the other methods keep their defaults.
     plain = TrainConfig(data=str(tmp_path), output_dir="o", recipe="plain")
+    assert (plain.recipe, plain.epochs, plain.learning_rate) == ("plain", recipe.MAX_EPOCHS, 1e-3)
     head = TrainConfig(data=str(tmp_path), output_dir="o", method="head")
-    assert (plain.recipe, plain.epochs, plain.learning_rate) == ("plain", 4, 1e-3)
-    assert (head.recipe, head.epochs) == ("plain", 6)
-    with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain and hflip one of auto, on, off"):
+    lora = TrainConfig(data=str(tmp_path), output_dir="o", method="lora")
+    assert (head.recipe, head.epochs, lora.epochs) == ("plain", 6, 5)
+    assert TrainConfig(data="not-ingested", output_dir="o").epochs == 4  # no summary: the method's default
+    with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain, and hflip and keep_best one of "
+                                             "auto, on, off"):
         TrainConfig(data="d", output_dir="o", hflip="sometimes")
+
+
+def test_random_crops_only_for_images_with_enough_pixels_of_their_own():
+    from mmdemo.images import TRAIN_MARGIN, ImageTensors
+
+    assert recipe.use_crops([(96, 96)] * 3, 128) and recipe.use_crops([(640, 480)] * 3, 160)  # 3/4 of the side
+    assert not recipe.use_crops([(64, 80)] * 3, 128)  # upscaled 2 x: no crops
+    assert not recipe.use_crops([(32, 32), (25, 25), (640, 480)], 128)  # upscaled digits / faces: no crops
+    split = {"image": [photo_crop(i, side=40) for i in range(4)], "label": [0, 1, 0, 1]}
+    cropped = ImageTensors(split, 32, [0, 1], train=True, hflip=False, crop=True)
+    assert cropped.train and cropped.pixels.shape[-1] == round(32 * TRAIN_MARGIN)  # a margin to crop from
+    # Neither crops nor flips: the training images are exactly what validation sees.
+    plain = ImageTensors(split, 32, [0, 1], train=True, hflip=False, crop=False)
+    val = ImageTensors(split, 32, [0, 1], train=False)
+    assert not plain.train and torch.equal(plain[1][0], val[1][0])
+    flipped = ImageTensors(split, 32, [0, 1], train=True, hflip=True, crop=False)
+    assert flipped.train and flipped.pixels.shape[-1] == 32 and flipped[0][0].shape == (3, 32, 32)
+
+
+def test_a_full_fine_tune_gets_the_one_cycle_schedule_and_the_rest_cosine():
+    from mmdemo.training import _scheduler
+
+    assert TrainConfig(data="d", output_dir="o").lr_schedule == "one-cycle"
+    assert TrainConfig(data="d", output_dir="o", method="head").lr_schedule == "cosine"
+    assert TrainConfig(data="d", output_dir="o", method="lora", recipe="lp-ft").lr_schedule == "one-cycle"
+    assert TrainConfig(data="d", output_dir="o", task="captioning").lr_schedule == "cosine"
+    assert TrainConfig(data="d", output_dir="o", lr_schedule="cosine").lr_schedule == "cosine"  # as given
+    with pytest.raises(UserInputError, match="lr_schedule must be one of auto, cosine, one-cycle"):
+        TrainConfig(data="d", output_dir="o", lr_schedule="linear")
+
+    def rates(cfg, steps=100):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.learning_rate)
+        sched, lrs, betas = _scheduler(opt, cfg, steps), [], []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            betas.append(opt.param_groups[0]["betas"][0])
+            opt.step()
+            sched.step()
+        return lrs, betas
+
+    lrs, betas = rates(TrainConfig(data="d", output_dir="o"))
+    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3, rel=1e-3)
+    assert 25 <= lrs.index(max(lrs)) <= 31 and lrs[-1] < 1e-6  # 30% warming up, then down to almost 0
+    assert betas[0] == pytest.approx(0.95) and min(betas) == pytest.approx(0.85, abs=1e-3)
+    lrs, betas = rates(TrainConfig(data="d", output_dir="o", method="head"))
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) == 10  # warmup_ratio 0.1
+    assert set(betas) == {0.9}
+
+
+def test_keep_best_only_where_the_validation_split_can_tell_the_best():
+    assert recipe.use_keep_best("auto", recipe.KEEP_BEST_MIN_VAL) is True
+    assert recipe.use_keep_best("auto", recipe.KEEP_BEST_MIN_VAL - 1) is False  # a small split picks by luck
+    assert recipe.use_keep_best("on", 10) is True and recipe.use_keep_best("off", 10_000) is False
+    # A config written when keep_best was a boolean still loads, as the switch it meant.
+    assert TrainConfig(data="d", output_dir="o").keep_best == "auto"
+    assert [TrainConfig(data="d", output_dir="o", keep_best=v).keep_best for v in (True, False)] == ["on", "off"]
+    with pytest.raises(UserInputError, match="keep_best one of auto, on, off"):
+        TrainConfig(data="d", output_dir="o", keep_best="best")
 
 
 def test_image_side_follows_the_data_between_the_floor_and_the_models_own():
@@ -78,6 +140,8 @@ def test_no_flip_for_glyphs_flip_for_photos_and_the_user_decides():
     assert not recipe.glyph_like(photos) and not recipe.glyph_like(grey_photos)
     assert recipe.use_hflip("auto", glyphs) is False and recipe.use_hflip("auto", photos) is True
     assert recipe.use_hflip("on", glyphs) is True and recipe.use_hflip("off", photos) is False
+    # Images too small for crops get no flips either, unless asked for.
+    assert recipe.use_hflip("auto", photos, crops=False) is False and recipe.use_hflip("on", photos, crops=False)
 
 
 def _conv_net():
@@ -129,14 +193,23 @@ def test_lp_ft_fits_the_head_before_the_first_step_and_records_what_it_resolved(
     kinds = [r["type"] for r in _records(run)]
     assert kinds[:3] == ["start", "phase", "train"]  # the head phase comes first, then everything trains
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    # 32 px glyphs are upscaled to the 96 px floor (test_resnet's own side is 160); glyphs get no flip.
+    # 32 px glyphs are upscaled to the 128 px floor (test_resnet's own side is 160); glyphs get no flip.
     assert (cfg["recipe"], cfg["hflip"], cfg["image_size"]) == ("lp-ft", "off", recipe.MIN_SIDE)
-    # A plain run has no head phase, and keeps the flip the user asked for.
+    # A plain run has no head phase, keeps the flip the user asked for, and its input side follows the data
+    # too; on 8 validation images it ends on the last evaluation, not the best (nothing saved for it).
     plain = tmp_path / "plain"
     train(TrainConfig(data=glyph_dataset, output_dir=str(plain), base_model="test_resnet", pretrained=False,
-                      epochs=1, batch_size=8, image_size=32, recipe="plain", hflip="on"))
+                      epochs=1, batch_size=8, recipe="plain", hflip="on"))
     assert "phase" not in [r["type"] for r in _records(plain)]
-    assert yaml.safe_load((plain / "config.yaml").read_text())["hflip"] == "on"
+    cfg = yaml.safe_load((plain / "config.yaml").read_text())
+    assert (cfg["hflip"], cfg["image_size"], cfg["keep_best"]) == ("on", recipe.MIN_SIDE, "off")
+    assert cfg["extra"]["random_crops"] is False and cfg["lr_schedule"] == "one-cycle"  # 32 px glyphs: flips only
+    assert not (plain / recipe.BEST_FILE).exists()
+    # A frozen backbone sees the images at the model's own side.
+    head = tmp_path / "head"
+    train(TrainConfig(data=glyph_dataset, output_dir=str(head), base_model="test_resnet", pretrained=False,
+                      method="head", max_steps=1, batch_size=8))
+    assert yaml.safe_load((head / "config.yaml").read_text())["image_size"] == 160
 
 
 def make_bright_dark(root: Path) -> Path:
@@ -157,7 +230,7 @@ def test_the_best_evaluation_is_the_model_kept(tmp_path):
     # so the last evaluation is worse than the first and the model kept is the head phase's.
     result = train(TrainConfig(data=dataset, output_dir=str(run), base_model="test_resnet", pretrained=False,
                                epochs=2, batch_size=8, image_size=32, learning_rate=0.3, warmup_ratio=0.0,
-                               recipe="lp-ft"))
+                               recipe="lp-ft", keep_best="on"))
     records = _records(run)
     phase, evals = next(r for r in records if r["type"] == "phase"), [r for r in records if r["type"] == "eval"]
     assert phase["val_accuracy"] == 1.0 > evals[-1]["accuracy"] and [r["epoch"] for r in evals] == [1, 2]

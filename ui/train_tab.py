@@ -154,7 +154,7 @@ def build_train_tab(browser_id):
                 fields["trackio"] = gr.Textbox("", label="trackio project (empty = off)",
                                                info="also log the run's metrics to trackio's local store")
                 fields["hflip"] = gr.Radio(["auto", "on", "off"], value="auto", label="Horizontal flips",
-                                           info="auto: off for glyph-like images (digits, text)")
+                                           info="auto: off for glyph-like images (digits, text) and tiny upscaled ones")
             with gr.Row():
                 fields["keep_old"] = gr.Radio(list(KEEP_OLD), value=KEEP_OLD[0], label="Keep what it knew",
                                               info="when the base model is a previous run: replay its memory of "
