@@ -58,7 +58,7 @@ def build_classify_tab(extra=None):
         checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", height=320)
+                image = gr.Image(type="pil", label="Image", height=320, elem_id="classify-image")
                 # Shown when the checkpoint is an image + text run (on_pick_checkpoint).
                 text = gr.Textbox(label="Text (read with the image by this image + text run)",
                                   placeholder="what color is the shape?", elem_id="classify-text", visible=False)
