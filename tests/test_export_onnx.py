@@ -141,9 +141,19 @@ def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp
 def test_classify_runs_an_exported_variant_of_the_callers_own_run(exported, lite0_run, tmp_path):
     workspace, image = lite0_run.parents[1], Image.open(EXAMPLE)
     torch_answer = api.classify(workspace, image, RUN_ID, 2)
+    from mmdemo.deploy.lab import session
+    from mmdemo.deploy.runtime import preprocess
+
+    out = lite0_run / "onnx"
+    meta = json.loads((out / "mmdemo.json").read_text())
     for name in ("model.onnx", "model_int8.onnx", "model_fp16.onnx"):
         answer = api.classify(workspace, image, f"{RUN_ID}/onnx/{name}", 2)
-        assert set(answer) == {"circle", "square"} and max(answer, key=answer.get) == "circle"
+        # That file's own answer: int8's depends on the CPU's int8 kernels (on an AVX2-only CPU it lost 33 points
+        # on digits where a VNNI one lost 0.6: bench/RESULTS.md), fp32 and fp16 give PyTorch's.
+        own = session(out / name).run(None, {"pixel_values": preprocess(image, meta["preprocess"])})[0][0]
+        assert set(answer) == {"circle", "square"}
+        assert max(answer, key=answer.get) == meta["id2label"][str(int(own.argmax()))]
+        assert name == "model_int8.onnx" or max(answer, key=answer.get) == "circle"
         # int8 keeps the answer, not the probabilities (its own figures: the lab's delta and agreement)
         tolerance = {"model.onnx": 0.002, "model_fp16.onnx": 0.05, "model_int8.onnx": 1.0}[name]
         assert abs(answer["circle"] - torch_answer["circle"]) < tolerance
