@@ -124,8 +124,10 @@ def distill(workspace: Path, teacher: str, student: str = "", *, dataset_id: str
     dataset_id = dataset_id or Path(read_config(teacher_dir).get("data", "")).name
     dataset_dir = find_dataset(workspace, dataset_id)
     params = dict(form_params(params), base_model=student or "efficientnet_lite0")
-    # Everything the distilled run needs is checked before the student alone is queued.
-    jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name, **params)
+    # Everything the distilled run needs is checked before the student alone is queued, its memory (the
+    # teacher's included) too.
+    jobs.check_run_memory(jobs.new_run_config(workspace, dataset_dir, task="classification", teacher=teacher_dir.name,
+                                              **params))
     if images:
         params["distill_images"] = prepare_images(images, Path(workspace) / "unlabelled" / uuid.uuid4().hex)
     baseline_id = None

@@ -2,6 +2,7 @@
 
     peak ~ base + weights + (gradients + AdamW states of the trainable ones)
            + batch x image_size^2 x a per-family activation factor + the decoded dataset
+           + a frozen teacher's weights and its no-grad forward (distillation, continued runs)
 
 The base (python, torch, the libraries, allocator slack) and the activation factors are fitted to the
 peak RSS of short real runs on the CPU (bench/memory_estimate.py prints measured against estimated).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from . import procs, settings
 from .errors import UserInputError
+from .runs import META_FILE, MODEL_DIR
 
 MB = 2**20
 # Fitted on 2 CPU cores, torch 2.14 (bench/memory_estimate.py): RSS of a child that has imported
@@ -25,6 +27,10 @@ BASE_BYTES = {"classifier": 930 * MB, "composed": 940 * MB, "other": 1200 * MB}
 # captioner's frozen encoder runs once over the dataset (features cached, FEATURE_BYTES) and its
 # decoder's cross-attention grows with the image tokens, (image_size / 32)^2.
 ACTIVATION_BYTES = {"classifier": 1750.0, "composed": 490.0, "other": 2000.0}
+# A frozen teacher (distillation's, or the previous model of a continued run) labels each training batch at
+# the student's input size under no_grad: only a few feature maps are alive at once. Measured peak RSS of
+# EfficientNet-Lite0 / Lite2 no-grad forwards (batch 16 / 32, 160 / 320 px): 370 to 410 bytes per sample-pixel.
+TEACHER_ACTIVATION_BYTES = 410.0
 FEATURE_BYTES = 1280 * 4  # per image token: EfficientNet-Lite0's last feature map, fp32
 # (total, trainable when frozen_vision / head) parameters of the models the app offers, so that the
 # estimate needs no model build in the server process.
@@ -58,7 +64,10 @@ def estimate(cfg, num_images: int) -> dict:
     if family == "composed":
         dataset += num_images * (size // 32) ** 2 * FEATURE_BYTES
     parts = {"base": BASE_BYTES[family], "weights": weights, "gradients_and_optimizer": states,
-             "activations": activations, "dataset": dataset}
+             "activations": activations, "dataset": dataset, "teacher": 0}
+    for model_dir, runs_forward in frozen_teachers(cfg):
+        parts["teacher"] += _saved_bytes(model_dir) + (TEACHER_ACTIVATION_BYTES * cfg.batch_size * size * size
+                                                       if runs_forward else 0)
     return {"bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()},
             "image_size": size, "family": family}
 
@@ -78,10 +87,29 @@ def _parameters(cfg) -> tuple[float, float]:
 
 def _local_parameters(base_model: str) -> float:
     # A previous run to continue from: its saved weights (fp32) say how big it is.
-    model_dir = Path(base_model) / "model"
+    model_dir = Path(base_model) / MODEL_DIR
     if not Path(base_model).is_absolute() or not model_dir.is_dir():
         return 0.0
-    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors")) / 4
+    return _saved_bytes(model_dir) / 4
+
+
+def _saved_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*.safetensors"))
+
+
+def frozen_teachers(cfg) -> list[tuple[Path, bool]]:
+    """The frozen models a run holds beside the one it trains, as (model folder, whether it runs a forward
+    on every batch): distillation's teacher (``cfg.teacher``), and the previous model of a continued run
+    (its base model a saved classifier), which labels batches when ``keep_old`` distils."""
+    found = []
+    if getattr(cfg, "teacher", ""):
+        teacher = Path(cfg.teacher)
+        found += [(d, True) for d in (teacher / MODEL_DIR, teacher) if (d / META_FILE).is_file()][:1]
+    previous = Path(cfg.base_model)
+    if cfg.task == "classification" and previous.is_absolute():
+        found += [(d, cfg.keep_old in ("distill", "both")) for d in (previous / MODEL_DIR, previous)
+                  if (d / META_FILE).is_file()][:1]
+    return found
 
 
 def _timm_parameters(name: str) -> float:
@@ -105,13 +133,14 @@ def check_memory(cfg, num_images: int) -> str:
     available, where = available_for_job()
     if not available:
         return ""
-    need = est["bytes"]
-    if procs.gpu_visible():  # weights, states and activations go to the GPU: the host holds the rest
-        need = est["parts"]["base"] + est["parts"]["dataset"]
+    need, teacher = est["bytes"], est["parts"]["teacher"]
+    teacher = f", {_gb(teacher)} of it for the frozen teacher" if teacher else ""
+    if procs.gpu_visible():  # weights, states, activations and a teacher go to the GPU: the host holds the rest
+        need, teacher = est["parts"]["base"] + est["parts"]["dataset"], ""
     if need > available:
         raise UserInputError(
             f"This run needs about {_gb(need)} of memory (batch_size {cfg.batch_size} at image_size "
-            f"{est['image_size']}), but {where} {_gb(available)}. {_what_fits(cfg, num_images, available)}")
+            f"{est['image_size']}{teacher}), but {where} {_gb(available)}. {_what_fits(cfg, num_images, available)}")
     host = ""
     if need > WARN_SHARE * available:
         host = (f"This run needs about {_gb(need)} of memory and {where} {_gb(available)}: it may run "
@@ -152,7 +181,7 @@ def device_need(est: dict, simulated: bool = False) -> int:
     activations, and CUDA's own context. The activation factors were fitted in fp32 on the CPU: under
     bf16 autocast they overstate a GPU's need, which leaves a margin."""
     parts = est["parts"]
-    return int(parts["weights"] + parts["gradients_and_optimizer"] + parts["activations"]
+    return int(parts["weights"] + parts["gradients_and_optimizer"] + parts["activations"] + parts["teacher"]
                + (0 if simulated else CUDA_CONTEXT_BYTES))
 
 

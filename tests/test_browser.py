@@ -2,6 +2,7 @@
 sample dataset -> train one epoch, watching progress -> classify an example with the new run (which the
 Classify tab selects once the run completes); the Search tab lists the datasets and explains an empty run list."""
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -14,6 +15,23 @@ TRAIN_TIMEOUT_MS = 240_000
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
                                                                "(apt-get install -y chromium)")
+
+
+@contextlib.contextmanager
+def app_page(app_url: str, errors: list):
+    """A Chromium page on the app, once the page has its browser id; JavaScript errors go to ``errors``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(app_url)
+            page.wait_for_function("localStorage.getItem('mmdemo-browser-id')", timeout=30_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def test_train_and_classify_in_the_browser(app_url, tmp_path):
@@ -134,52 +152,44 @@ def test_the_classify_text_box_and_the_contrastive_loss_follow_the_task(app_url,
     fused = _tiny_zip(tmp_path / "fused.zip", lambda f, c: [{"file_name": f, "text": "what color is it?", "label": c},
                                                             {"file_name": f, "text": "is it a shape?", "label": "yes"}])
     errors = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(app_url)
-            page.wait_for_function("localStorage.getItem('mmdemo-browser-id')", timeout=30_000)
-            summary = page.locator("#dataset-summary")
-            page.get_by_role("radio", name="retrieval", exact=True).check()
-            page.get_by_role("button", name=re.compile("Use the sample dataset")).click()
-            expect(summary).to_contain_text("retrieval", timeout=60_000)
-            page.get_by_role("radio", name="image_text_classification", exact=True).check()
-            page.locator("input[type=file]").first.set_input_files(str(fused))
-            page.get_by_role("button", name="Load dataset").click()
-            expect(summary).to_contain_text("image_text_classification", timeout=60_000)
+    with app_page(app_url, errors) as page:
+        summary = page.locator("#dataset-summary")
+        page.get_by_role("radio", name="retrieval", exact=True).check()
+        page.get_by_role("button", name=re.compile("Use the sample dataset")).click()
+        expect(summary).to_contain_text("retrieval", timeout=60_000)
+        page.get_by_role("radio", name="image_text_classification", exact=True).check()
+        page.locator("input[type=file]").first.set_input_files(str(fused))
+        page.get_by_role("button", name="Load dataset").click()
+        expect(summary).to_contain_text("image_text_classification", timeout=60_000)
 
-            # Train tab: the retrieval dataset shows the contrastive loss, the image + text one (selected) does not.
-            page.get_by_role("tab", name="Train").click()
-            loss = page.locator("#contrastive-loss")
-            expect(page.locator("#dataset-choice input")).to_have_value(re.compile("image_text_classification"))
-            expect(loss).to_be_hidden()
-            page.locator("#dataset-choice input").click()
-            page.get_by_role("option", name=re.compile("retrieval")).click()
-            expect(loss).to_be_visible(timeout=10_000)
-            page.locator("#dataset-choice input").click()
-            page.get_by_role("option", name=re.compile("image_text_classification")).click()
-            expect(loss).to_be_hidden(timeout=10_000)
-            page.get_by_label("Epochs (0 = default)").fill("1")
-            page.locator("#start-training").click()
-            expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
+        # Train tab: the retrieval dataset shows the contrastive loss, the image + text one (selected) does not.
+        page.get_by_role("tab", name="Train").click()
+        loss = page.locator("#contrastive-loss")
+        expect(page.locator("#dataset-choice input")).to_have_value(re.compile("image_text_classification"))
+        expect(loss).to_be_hidden()
+        page.locator("#dataset-choice input").click()
+        page.get_by_role("option", name=re.compile("retrieval")).click()
+        expect(loss).to_be_visible(timeout=10_000)
+        page.locator("#dataset-choice input").click()
+        page.get_by_role("option", name=re.compile("image_text_classification")).click()
+        expect(loss).to_be_hidden(timeout=10_000)
+        page.get_by_label("Epochs (0 = default)").fill("1")
+        page.locator("#start-training").click()
+        expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
 
-            # Classify tab: the run just completed is the checkpoint (the report selects it): the Text box shows.
-            page.get_by_role("tab", name="Classify").click()
-            text = page.locator("#classify-text")
-            expect(page.locator("#checkpoint-choice input")).to_have_value(re.compile("image \\+ text"), timeout=30_000)
-            expect(text).to_be_visible(timeout=10_000)
-            text.locator("textarea").fill("what color is it?")
-            page.locator("img[src*='circle.png']").click()
-            page.locator("#classify-button").click()
-            labels = page.locator("#classify-labels")
-            expect(labels.locator("h2").first).to_have_text(re.compile("^(red|blue|green|yes)$"), timeout=60_000)
-            # The default checkpoint reads no text: the box goes.
-            page.locator("#checkpoint-choice input").click()
-            page.get_by_role("option", name=re.compile("ImageNet classifier")).click()
-            expect(text).to_be_hidden(timeout=10_000)
-            expect(page.get_by_test_id("toast-text")).to_have_count(0)
-        finally:
-            browser.close()
+        # Classify tab: the run just completed is the checkpoint (the report selects it): the Text box shows.
+        page.get_by_role("tab", name="Classify").click()
+        text = page.locator("#classify-text")
+        expect(page.locator("#checkpoint-choice input")).to_have_value(re.compile("image \\+ text"), timeout=30_000)
+        expect(text).to_be_visible(timeout=10_000)
+        text.locator("textarea").fill("what color is it?")
+        page.locator("img[src*='circle.png']").click()
+        page.locator("#classify-button").click()
+        labels = page.locator("#classify-labels")
+        expect(labels.locator("h2").first).to_have_text(re.compile("^(red|blue|green|yes)$"), timeout=60_000)
+        # The default checkpoint reads no text: the box goes.
+        page.locator("#checkpoint-choice input").click()
+        page.get_by_role("option", name=re.compile("ImageNet classifier")).click()
+        expect(text).to_be_hidden(timeout=10_000)
+        expect(page.get_by_test_id("toast-text")).to_have_count(0)
     assert errors == [], f"JavaScript errors on the page: {errors}"

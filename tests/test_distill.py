@@ -175,3 +175,41 @@ def test_the_app_distill_endpoint_refuses_a_run_that_is_not_yours(app_url):
         client.predict("f" * 32, api_name="/distill")
     with pytest.raises(AppError, match="teacher must be a run id of yours"):
         client.predict("/etc", api_name="/distill")
+
+
+def test_the_memory_estimate_and_guard_count_the_teacher(teacher_run, monkeypatch):
+    """A distilled run holds the frozen teacher beside the student: its fp32 weights and, on every batch, a
+    no-grad forward at the student's batch and input size. The estimate adds both; the guard refuses a
+    distillation (before the student alone is queued) that only the student alone would fit."""
+    from mmdemo import jobs, memory
+    from mmdemo.models import load_classifier
+
+    wsp, ds, teacher = teacher_run
+    settings = dict(data=ds.path, base_model="efficientnet_lite0", batch_size=16, image_size=160)
+    alone = memory.estimate(TrainConfig(output_dir=str(wsp / "runs" / ("b" * 32)), **settings), 36)
+    distilled = memory.estimate(TrainConfig(output_dir=str(wsp / "runs" / ("c" * 32)), teacher=str(teacher),
+                                            **settings), 36)
+    net = load_classifier(teacher / "model")
+    weights = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    forward = memory.TEACHER_ACTIVATION_BYTES * 16 * 160 * 160
+    assert distilled["parts"]["teacher"] == pytest.approx(weights + forward, rel=0.01)
+    assert distilled["bytes"] - alone["bytes"] == distilled["parts"]["teacher"] and alone["parts"]["teacher"] == 0
+    assert 150 * 2**20 < distilled["bytes"] - alone["bytes"] < 250 * 2**20  # 13.5 MB of weights + 168 MB forward
+    # A continued run holds its previous model too; it runs it on every batch only when keep_old distils.
+    continued = {keep: memory.estimate(TrainConfig(output_dir=str(wsp / "runs" / ("d" * 32)), keep_old=keep,
+                                                   **{**settings, "base_model": str(teacher)}), 36)["parts"]["teacher"]
+                 for keep in ("both", "replay")}
+    assert continued["both"] == distilled["parts"]["teacher"]
+    assert continued["replay"] == pytest.approx(weights, rel=0.01)
+    assert memory.device_need(distilled) - memory.device_need(alone) == distilled["parts"]["teacher"]
+
+    # The guard: a job limit between the two estimates lets the student alone start and refuses the distillation.
+    monkeypatch.setenv("MMDEMO_JOB_MEMORY_LIMIT", f"{(alone['bytes'] + distilled['bytes']) // 2 // 2**20}mb")
+    monkeypatch.setattr(memory.procs, "gpu_visible", lambda: False)
+    jobs.check_run_memory(TrainConfig(output_dir=str(wsp / "runs" / ("b" * 32)), **settings))  # fits: no refusal
+    before = set((wsp / "runs").iterdir())
+    with pytest.raises(UserInputError, match=r"needs about .* GB of memory \(batch_size 16 at image_size 160, "
+                                             r"0\.2 GB of it for the frozen teacher\), but one training job may use"):
+        api.distill(wsp, teacher.name, baseline=True, manager=JobManager(max_concurrent=1), batch_size=16,
+                    image_size=160)
+    assert set((wsp / "runs").iterdir()) == before  # the student alone was not queued either

@@ -92,6 +92,33 @@ def test_lora_runs_of_the_other_families_export_merged(family, shapes, tmp_path)
     assert quantized in ops and rows["onnx int8"]["agreement"] is not None  # int8 weights, and the file runs
 
 
+def test_the_offline_lite2_base_exports_to_every_format(shapes, tmp_path):
+    """Lite2 (as Lite1, the same family class) builds a timm model and saves as the timm family."""
+    from test_engine import tiny_cfg
+
+    base = "efficientnet_lite2"
+    run = tmp_path / "run"
+    train(tiny_cfg(shapes, run, base_model=base, image_size=32, method="head", max_steps=1))
+    lab = export_onnx_run(run, tmp_path / "out", quantize=["int8", "fp16"], calibration_images=8, latency_runs=2)
+    rows = {r["variant"]: r for r in lab["variants"]}
+    meta = json.loads((run / "model/mmdemo.json").read_text())
+    assert (meta["family"], meta["base_model"]) == ("timm", base)
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["max_abs_logit_diff"] < 1e-3
+    assert rows["onnx fp16"]["agreement"] >= 0.9 and rows["onnx int8"]["size_vs_onnx_fp32"] < 0.4
+
+
+@pytest.mark.parametrize("task", ["captioning", "vqa", "image_text_classification", "retrieval"])
+def test_text_and_multimodal_runs_are_refused_naming_what_exports(task):
+    from mmdemo.deploy.export import check_exportable
+
+    with pytest.raises(UserInputError, match=rf"ONNX export supports classification runs \(families efficientnet_lite0, "
+                                             rf"efficientnet_lite1, efficientnet_lite2, timm, transformers\); this run is "
+                                             rf"{task}: export it with --format pytorch"):
+        check_exportable({"task": task, "family": "composed"})
+    with pytest.raises(UserInputError, match=r"supports the efficientnet_lite0, .* classifier families \(this run: x\)"):
+        check_exportable({"task": "classification", "family": "x"})
+
+
 def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp_path):
     out, _ = exported
     card = (out / "README.md").read_text()
@@ -114,9 +141,19 @@ def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp
 def test_classify_runs_an_exported_variant_of_the_callers_own_run(exported, lite0_run, tmp_path):
     workspace, image = lite0_run.parents[1], Image.open(EXAMPLE)
     torch_answer = api.classify(workspace, image, RUN_ID, 2)
+    from mmdemo.deploy.lab import session
+    from mmdemo.deploy.runtime import preprocess
+
+    out = lite0_run / "onnx"
+    meta = json.loads((out / "mmdemo.json").read_text())
     for name in ("model.onnx", "model_int8.onnx", "model_fp16.onnx"):
         answer = api.classify(workspace, image, f"{RUN_ID}/onnx/{name}", 2)
-        assert set(answer) == {"circle", "square"} and max(answer, key=answer.get) == "circle"
+        # That file's own answer: int8's depends on the CPU's int8 kernels (on an AVX2-only CPU it lost 33 points
+        # on digits where a VNNI one lost 0.6: bench/RESULTS.md), fp32 and fp16 give PyTorch's.
+        own = session(out / name).run(None, {"pixel_values": preprocess(image, meta["preprocess"])})[0][0]
+        assert set(answer) == {"circle", "square"}
+        assert max(answer, key=answer.get) == meta["id2label"][str(int(own.argmax()))]
+        assert name == "model_int8.onnx" or max(answer, key=answer.get) == "circle"
         # int8 keeps the answer, not the probabilities (its own figures: the lab's delta and agreement)
         tolerance = {"model.onnx": 0.002, "model_fp16.onnx": 0.05, "model_int8.onnx": 1.0}[name]
         assert abs(answer["circle"] - torch_answer["circle"]) < tolerance

@@ -21,8 +21,12 @@ def on_classify(browser_id, image, checkpoint, text=""):
 
 
 def needs_text(wsp, checkpoint: str) -> bool:
-    """Whether ``checkpoint`` (a run id of the Classify list, or "" for the default) is an image + text run."""
-    if not checkpoint:  # the default checkpoint: an image-only ImageNet classifier
+    """Whether ``checkpoint`` (a run id of the Classify list, an exported ONNX variant ``RUN_ID/onnx/FILE``, or ""
+    for the default) is an image + text run."""
+    from mmdemo.deploy import onnx_checkpoint
+
+    # The default (an ImageNet classifier) and the ONNX exports (image classification only) read no text.
+    if not checkpoint or onnx_checkpoint(wsp, checkpoint) is not None:
         return False
     return runs.read_config(runs.find_run(wsp, checkpoint)).get("task") == IMAGE_TEXT
 
@@ -54,7 +58,7 @@ def build_classify_tab(extra=None):
         checkpoint = gr.Dropdown(label="Checkpoint", choices=[(DEFAULT_CHECKPOINT, "")], value="", elem_id="checkpoint-choice")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", height=320)
+                image = gr.Image(type="pil", label="Image", height=320, elem_id="classify-image")
                 # Shown when the checkpoint is an image + text run (on_pick_checkpoint).
                 text = gr.Textbox(label="Text (read with the image by this image + text run)",
                                   placeholder="what color is the shape?", elem_id="classify-text", visible=False)

@@ -23,7 +23,6 @@ from .onnx import ACTIVATIONS, CALIBRATION_METHODS, FILES, KEEP_FP32, convert_fp
 FORMATS = ("pytorch", "onnx")
 QUANTIZE = ("int8", "fp16")
 ONNX_TASKS = ("classification",)
-ONNX_FAMILIES = ("efficientnet_lite0", "timm", "transformers")  # mmdemo.json "family" of each base family
 LAB_FILE = "export.json"
 DEFAULT_CALIBRATION_IMAGES = 100
 SNIPPET = '''import json, numpy as np, onnxruntime as ort
@@ -57,13 +56,22 @@ def check_request(fmt: str, quantize) -> list[str]:
     return list(dict.fromkeys(asked))
 
 
+def onnx_families() -> tuple[str, ...]:
+    """The classifier families (mmdemo.json "family") that export to ONNX: every registered one."""
+    from ..families import families
+
+    return tuple(families("classifier"))
+
+
 def check_exportable(meta: dict) -> None:
+    """Refuses (UserInputError, naming what is supported) a run that is no classifier of a registered family."""
     task, family = meta.get("task", "classification"), meta.get("family", "")
+    supported = onnx_families()
     if task not in ONNX_TASKS:
-        raise UserInputError(f"ONNX export supports {', '.join(ONNX_TASKS)} runs (families {', '.join(ONNX_FAMILIES)}); "
+        raise UserInputError(f"ONNX export supports {', '.join(ONNX_TASKS)} runs (families {', '.join(supported)}); "
                              f"this run is {task}: export it with --format pytorch.")
-    if family not in ONNX_FAMILIES:
-        raise UserInputError(f"ONNX export supports the {', '.join(ONNX_FAMILIES)} classifier families (this run: "
+    if family not in supported:
+        raise UserInputError(f"ONNX export supports the {', '.join(supported)} classifier families (this run: "
                              f"{family}); export it with --format pytorch.")
 
 
