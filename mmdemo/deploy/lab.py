@@ -23,7 +23,8 @@ FIXES = {
             "use the PyTorch model meanwhile.",
     "int8": "calibrate on more images (--calibration-images 300), keep the first and last layers in fp32 "
             "(--keep-fp32 first,last), try --calibration entropy / percentile, or the other --activations (int8 / "
-            "uint8); per-channel weights are on.",
+            "uint8); per-channel weights are on, and 7-bit weights (reduce_range) where the CPU lacks VNNI. int8 "
+            "loses far more on a CPU without VNNI than on one with it: measure on the machine that will serve.",
     "fp16": "some activations overflow fp16: keep fp32 (model.onnx), or run fp16 on a GPU provider only.",
 }
 

@@ -131,15 +131,39 @@ def excluded_nodes(model_path: Path, keep_fp32) -> list[str]:
     return names
 
 
+def lacks_vnni(cpuinfo: str | None = None) -> bool:
+    """Whether this is an x86 CPU without VNNI (``avx512_vnni`` / ``avx_vnni`` absent from /proc/cpuinfo's flags).
+
+    Its int8 kernels multiply pairs into int16 (``vpmaddubsw``), which saturates with 8-bit weights: on an
+    AVX2-only CPU the digits model lost 32.9 points at int8, 5.3 with 7-bit weights (``reduce_range``), where a
+    VNNI CPU lost 0.6 with 8-bit ones (bench/RESULTS.md). False where the flags cannot be read or are not x86's.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
+
+
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, method: str = "minmax",
-                  keep_fp32=("last",), per_channel: bool = True, activations: str = "int8") -> dict:
+                  keep_fp32=("last",), per_channel: bool = True, activations: str = "int8",
+                  reduce_range: bool | None = None) -> dict:
     """``fp32`` quantised to int8 into ``out``; returns what was done (written to export.json).
 
     Static quantisation (QDQ, int8 weights per channel; activations ``int8`` symmetric, onnxruntime's recommended
     S8S8, or ``uint8`` asymmetric) calibrated on ``calibration``
     after onnxruntime's pre-processing (shape inference, graph optimisation); dynamic quantisation (weights
     only, activations quantised at run time) where there are no calibration images or static fails.
+    ``reduce_range`` (7-bit weights) None = on where this CPU ``lacks_vnni``: the lab measures each file on the
+    machine that exports it, so the file is quantised for that machine's kernels.
     """
+    if reduce_range is None:
+        reduce_range = lacks_vnni()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -150,21 +174,22 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, meth
         prepared.write_bytes(fp32.read_bytes())
     excluded = excluded_nodes(prepared, keep_fp32)
     info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded,
-            "activations": activations}
+            "activations": activations, "reduce_range": reduce_range}
     try:
         if calibration is None or not len(calibration):
             raise ValueError("no calibration images")
         calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                      "percentile": CalibrationMethod.Percentile}[method]
         quantize_static(str(prepared), str(out), ArrayReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, weight_type=QuantType.QInt8, calibrate_method=calibrate,
+                        per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                        calibrate_method=calibrate,
                         activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
                         nodes_to_exclude=excluded,
                         extra_options={"CalibMovingAverage": False, "ActivationSymmetric": activations == "int8"})
         info.update(mode="static", calibration_images=int(len(calibration)), calibration_method=method)
     except Exception as e:  # noqa: BLE001 - static does not apply: weights-only int8 still shrinks the file
-        quantize_dynamic(str(prepared), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=excluded)
+        quantize_dynamic(str(prepared), str(out), per_channel=per_channel, reduce_range=reduce_range,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
         info.update(mode="dynamic", reason=f"static quantisation did not apply: {e}"[:300])
     finally:
         prepared.unlink(missing_ok=True)
