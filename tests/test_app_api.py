@@ -120,7 +120,7 @@ def test_export_onnx_then_classify_with_the_int8_file(app_url, client_a, trained
                               api_name="/classify")
     # The answer is that file's own: int8's depends on the CPU's int8 kernels (bench/RESULTS.md: an AVX2-only
     # CPU lost far more than a VNNI one), so it is compared with onnxruntime running the file directly.
-    (out,) = Path(tmp_path_factory.getbasetemp()).glob(f"mmdemo-data*/**/{run_id}/onnx")
+    (out,) = {p.resolve() for p in Path(tmp_path_factory.getbasetemp()).glob(f"mmdemo-data*/**/{run_id}/onnx")}
     meta = json.loads((out / "mmdemo.json").read_text())
     pixels = preprocess(Image.open(EXAMPLES / "circle.png"), meta["preprocess"])
     own = session(out / "model_int8.onnx").run(None, {"pixel_values": pixels})[0][0]
