@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import procs, settings
 from .errors import UserInputError
-from .runs import META_FILE, MODEL_DIR
+from .runs import META_FILE, MODEL_DIR, model_dir_of
 
 MB = 2**20
 # Fitted on 2 CPU cores, torch 2.14 (bench/memory_estimate.py): RSS of a child that has imported
@@ -105,10 +105,9 @@ def frozen_teachers(cfg) -> list[tuple[Path, bool]]:
     if getattr(cfg, "teacher", ""):
         teacher = Path(cfg.teacher)
         found += [(d, True) for d in (teacher / MODEL_DIR, teacher) if (d / META_FILE).is_file()][:1]
-    previous = Path(cfg.base_model)
-    if cfg.task == "classification" and previous.is_absolute():
-        found += [(d, cfg.keep_old in ("distill", "both")) for d in (previous / MODEL_DIR, previous)
-                  if (d / META_FILE).is_file()][:1]
+    previous = model_dir_of(cfg.base_model) if cfg.task == "classification" else None
+    if previous is not None:
+        found.append((previous, cfg.keep_old in ("distill", "both")))
     return found
 
 

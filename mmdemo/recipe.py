@@ -61,13 +61,18 @@ def epochs_for_dataset(data, batch_size: int) -> int:
     return classification_epochs(num_train, batch_size) if num_train > 0 else 0
 
 
+def median_side(sizes) -> int | None:
+    """The median shorter side of images of ``sizes`` ((width, height) pairs); None for no images."""
+    sides = sorted(min(w, h) for w, h in sizes)
+    return sides[len(sides) // 2] if sides else None
+
+
 def image_side(sizes, native: int) -> int:
     """The input side for images of ``sizes`` ((width, height) pairs): their median shorter side
     rounded up to a multiple of 32, at least MIN_SIDE, at most the model's own ``native`` side."""
-    sides = sorted(min(w, h) for w, h in sizes)
-    if not sides:
+    median = median_side(sizes)
+    if median is None:
         return native
-    median = sides[len(sides) // 2]
     return min(native, max(MIN_SIDE, 32 * math.ceil(median / 32)))
 
 
@@ -114,8 +119,8 @@ def use_crops(sizes, side: int) -> bool:
     """Whether random resized crops suit images of ``sizes`` ((width, height) pairs) trained at ``side``: not
     where their median shorter side is under CROP_MIN_SHARE of it (8 px digits, 25 px faces or 64 px shapes
     upscaled to 128 px), whose few real pixels a crop of half the image cuts into (a digit's stroke, an eye)."""
-    sides = sorted(min(w, h) for w, h in sizes)
-    return not sides or sides[len(sides) // 2] >= CROP_MIN_SHARE * side
+    median = median_side(sizes)
+    return median is None or median >= CROP_MIN_SHARE * side
 
 
 def use_keep_best(setting: str, num_val: int) -> bool:

@@ -35,11 +35,12 @@ class ClassificationTask:
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
         native = self.model.preprocess.image_size
-        self.image_size = cfg.image_size or (image_side([im.size for im in images], native)
-                                             if follows_data(cfg.recipe, cfg.method) else native)
+        sizes = [im.size for im in images]
+        self.image_size = cfg.image_size or (image_side(sizes, native) if follows_data(cfg.recipe, cfg.method)
+                                             else native)
         self.model.preprocess.image_size = self.image_size
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
-        self.crop = use_crops([im.size for im in images], self.image_size)
+        self.crop = use_crops(sizes, self.image_size)
         self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images), self.crop)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
@@ -250,7 +251,7 @@ class TextTask:
         self.collate = self.model.collate
         # A continued run replays its base run's memory of training rows (cfg.keep_old) and reports forgetting.
         self.continual = continual.setup_text(self, cfg)
-        self.train_split, self.base_model, self.predictions = splits["train"], cfg.base_model, []
+        self.train_split, self.predictions = splits["train"], []
 
     def train_mode(self, model) -> None:
         model.train()
@@ -294,8 +295,8 @@ class TextTask:
             peft_part.save_pretrained(model_dir / "adapter")
         if self.continual:  # eval.json gets the forgetting table (result is written after this call)
             result.update(self.continual.report(model, self, self.predictions))
-        previous = continual.previous_model(self.base_model)
-        continual.save_text_memory(run_dir, self.train_split, self.task, previous[1] if previous else None)
+        continual.save_text_memory(run_dir, self.train_split, self.task,
+                                   self.continual.run_dir if self.continual else None)
 
 
 @torch.no_grad()
