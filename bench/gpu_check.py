@@ -8,6 +8,7 @@
    start_training, the child ``python -m mmdemo train``: bf16 autocast, fused AdamW, channels-last,
    loader workers, pinned memory, the GPU fit plan of mmdemo/fit.py). In --smoke the first method of each
    task runs as that child and the others in this process (the same ``train``), to stay near 90 s.
+   prompt_tuning of the text tasks continues the task's first run (a fresh decoder refuses it, as the app does).
    Then inference from each run (the task's tab: Classify / Caption / Ask) and its export (hub.export_run).
 2. Automatic micro-batch: a batch far too big for the device, fitted by real steps (--smoke: a
    simulated device).
@@ -112,6 +113,11 @@ def run_tasks(work: Path, s: dict, smoke: bool) -> dict:
                     params.update(base_model=s["classifier"], pretrained=False)
                 if task == "classification" and method in ADDED_METHODS:  # modules added to ViT blocks only
                     params.update(base_model=s["vit_classifier"], pretrained=False)
+                if method == "prompt_tuning":  # a fresh decoder refuses it: it continues the task's first run
+                    first = runs.get((task, spec.methods[0]))
+                    if first is None:
+                        raise RuntimeError(f"prompt_tuning continues the {spec.methods[0]} run, which did not complete")
+                    params.update(base_model=first[1].name)
                 cfg = new_run_config(work / "ws", dataset, **params)
                 run_dir = Path(cfg.output_dir)
                 t0 = time.time()
