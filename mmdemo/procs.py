@@ -200,6 +200,19 @@ def child_env(base: dict, cfg: dict | None = None) -> dict:
     return env
 
 
+def lower_autogroup(nice: int, path: str = "/proc/self/autogroup") -> bool:
+    """The same niceness for this process's scheduler autogroup, where Linux has them: the child starts a
+    session of its own, and with autogrouping (``/proc/sys/kernel/sched_autogroup_enabled``) the CPU is
+    shared between sessions first, so a thread's niceness alone would not yield to the server. Raising an
+    autogroup's niceness needs no privilege; returns whether it was set."""
+    try:
+        with open(path, "w") as f:
+            f.write(f"{nice}")
+        return True
+    except OSError:
+        return False
+
+
 def apply_child_limits() -> int | None:
     """In the child, before torch loads (and so before any thread starts, since niceness is per
     thread and inherited): the lower CPU priority, and RLIMIT_DATA from the parent's setting (heap and
@@ -214,6 +227,7 @@ def apply_child_limits() -> int | None:
             os.nice(max(0, int(nice) - os.nice(0)))
         except OSError:
             pass
+        lower_autogroup(int(nice))
     if not raw.isdigit():
         return None
     limit = int(raw)
