@@ -151,12 +151,14 @@ def read_eval(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / EVAL_FILE)
 
 
-REPORT_TEXT_METRICS = ("val_loss", "vqa_accuracy", "exact_match", "bleu4", "rouge_l", "cider")
+REPORT_TEXT_METRICS = ("val_loss", "vqa_accuracy", "exact_match", "bleu4", "rouge_l", "cider",
+                       *(f"{d}_{m}" for d in ("t2i", "i2t") for m in ("recall@1", "recall@5", "recall@10", "median_rank")))
+REPORT_QUERIES = 4  # a retrieval report's gallery: the first example queries, each with its top 5 images
 
 
 def report_rows(result: dict) -> list[dict]:
     """The report table of an evaluation: classification, one row for all classes, then one per class;
-    captioning / VQA, one row per metric."""
+    captioning / VQA / retrieval, one row per metric."""
     if result.get("task", "classification") == "classification":
         return ([{"class": "all", "precision": None, "recall": None, "f1": None, "support": result["num_val"],
                   "accuracy": result["accuracy"]}]
@@ -180,15 +182,29 @@ def forgetting_rows(result: dict) -> list[dict]:
 
 def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
     """(image, caption) pairs for the report gallery: the misclassified validation images
-    ("true → predicted"), or for captioning / VQA the reference vs the predicted text."""
+    ("true → predicted"), for captioning / VQA the reference vs the predicted text, for retrieval the
+    example queries' top images."""
     from .data import load_splits
 
     result = read_eval(run_dir)
+    if result.get("task") == "retrieval":
+        return _query_examples(run_dir, result.get("examples") or [], limit)
     rows = (result.get("misclassified") or result.get("examples") or [])[:limit]
     if not rows:
         return []
     validation = load_splits(read_config(run_dir).get("data", ""))["validation"]
     return [(validation[r["row"]]["image"], _example_caption(r)) for r in rows]
+
+
+def _query_examples(run_dir: Path, queries: list[dict], limit: int) -> list[tuple]:
+    """A retrieval run's example queries on its held-out images: each query's top images in rank order,
+    captioned with the query, the rank, the file, the cosine and whether it is a true match."""
+    from .search import images_by_name
+
+    hits = [(q["query"], rank, hit) for q in queries[:REPORT_QUERIES] for rank, hit in enumerate(q["top"], 1)][:limit]
+    images = images_by_name(read_config(run_dir).get("data", ""), [hit["file_name"] for _, _, hit in hits])
+    return [(images[hit["file_name"]], f"“{query}” #{rank}: {hit['file_name']} · {hit['score']:.3f}"
+             f"{' ✓' if hit.get('match') else ''}") for query, rank, hit in hits if hit["file_name"] in images]
 
 
 def _example_caption(row: dict) -> str:

@@ -146,11 +146,14 @@ def _tiny_zip(path: Path, rows_of) -> Path:
 
 def test_the_classify_text_box_and_the_contrastive_loss_follow_the_task(app_url, tmp_path):
     """An image + text run shows the Classify tab's Text box and answers with it; the default (image-only)
-    checkpoint hides it. The Train tab shows the contrastive loss for a retrieval dataset only."""
+    checkpoint hides it. The Train tab shows the contrastive loss for a retrieval dataset only. A retrieval
+    run then answers the Search tab: a text finds images (with scores), an image its captions."""
     sync_api = pytest.importorskip("playwright.sync_api")
     expect = sync_api.expect
     fused = _tiny_zip(tmp_path / "fused.zip", lambda f, c: [{"file_name": f, "text": "what color is it?", "label": c},
                                                             {"file_name": f, "text": "is it a shape?", "label": "yes"}])
+    captioned = _tiny_zip(tmp_path / "captioned.zip", lambda f, c: [{"file_name": f, "text": f"a {c} circle"},
+                                                                    {"file_name": f, "text": f"a round {c} shape"}])
     errors = []
     with app_page(app_url, errors) as page:
         summary = page.locator("#dataset-summary")
@@ -191,5 +194,44 @@ def test_the_classify_text_box_and_the_contrastive_loss_follow_the_task(app_url,
         page.locator("#checkpoint-choice input").click()
         page.get_by_role("option", name=re.compile("ImageNet classifier")).click()
         expect(text).to_be_hidden(timeout=10_000)
+        expect(page.get_by_test_id("toast-text")).to_have_count(0)
+
+        # A retrieval run on captioned circles, then the Search tab: text -> images with scores, image -> captions.
+        page.get_by_role("tab", name="Dataset").click()
+        page.get_by_role("radio", name="retrieval", exact=True).check()
+        page.locator("#dataset-file").get_by_role("button", name="Clear").click()  # fused.zip goes first
+        page.locator("input[type=file]").first.set_input_files(str(captioned))
+        expect(page.locator("#dataset-file")).to_contain_text("captioned", timeout=30_000)
+        page.get_by_role("button", name="Load dataset").click()
+        expect(summary).to_contain_text("retrieval · train 10 · validation 2", timeout=60_000)
+        expect(summary).not_to_contain_text("Ignored columns")
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#dataset-choice input")).to_have_value(re.compile("retrieval · 12 images"), timeout=30_000)
+        page.get_by_label("Epochs (0 = default)").fill("2")
+        page.locator("#start-training").click()
+        # The new run (the retrieval default, frozen_towers) is selected and completes.
+        expect(page.locator("#run-choice input")).to_have_value(re.compile("frozen_towers"), timeout=30_000)
+        # (the image + text run above took 1 step: "step 2 / 2" is this run's)
+        expect(page.locator("#train-status")).to_contain_text("completed · step 2 / 2", timeout=TRAIN_TIMEOUT_MS)
+        # Its report: recall rows, and example queries of the held-out captions with their best images.
+        metrics = page.get_by_role("grid", name="Validation metrics")
+        expect(metrics.get_by_role("row", name=re.compile(r"^t2i_recall@1 "))).to_have_count(1, timeout=30_000)
+        expect(page.locator("#report-examples img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#report-examples")).to_contain_text(re.compile(r"“a .+” #1: \d+\.png"))
+        page.get_by_role("tab", name="Search").click()
+        page.locator("#search-dataset input").click()
+        page.get_by_role("option", name=re.compile("retrieval · 12 rows")).click()
+        page.locator("#search-query textarea").fill("a red circle")
+        page.locator("#search-button").click()
+        gallery, toasts = page.locator("#search-gallery"), page.get_by_test_id("toast-text")
+        expect(gallery.locator("img").first.or_(toasts.first)).to_be_visible(timeout=90_000)  # images, or an error
+        page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+        assert toasts.count() == 0, toasts.all_inner_texts()
+        expect(gallery.locator("img")).to_have_count(5, timeout=30_000)
+        expect(gallery).to_contain_text(re.compile(r"\d+\.png · [-0-9.]+"))
+        page.locator("img[src*='circle.png']:visible").first.click()
+        expect(page.locator("#search-image img")).to_have_count(1, timeout=30_000)
+        page.locator("#search-captions-button").click()
+        expect(page.locator("#search-captions")).to_contain_text("circle", timeout=60_000)
         expect(page.get_by_test_id("toast-text")).to_have_count(0)
     assert errors == [], f"JavaScript errors on the page: {errors}"

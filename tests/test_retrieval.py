@@ -265,6 +265,22 @@ def test_lit_default_trains_the_projections_and_saves_its_loadable_parts(lit_run
         k: result[k] for k in ("t2i_recall@1", "i2t_recall@1", "t2i_median_rank")}
 
 
+def test_the_report_shows_recall_rows_and_the_example_queries_best_images(lit_run):
+    from mmdemo import runs
+
+    run, result = lit_run
+    evaluation = runs.read_eval(run)
+    rows = {r["metric"]: r["value"] for r in runs.report_rows(evaluation)}
+    assert rows["t2i_recall@1"] == result["t2i_recall@1"] and rows["i2t_median_rank"] == result["i2t_median_rank"]
+    gallery = runs.report_examples(run)
+    queries = evaluation["examples"][:runs.REPORT_QUERIES]
+    expected = [(q["query"], rank, hit) for q in queries for rank, hit in enumerate(q["top"], 1)]
+    assert len(gallery) == len(expected) > 0
+    for (image, caption), (query, rank, hit) in zip(gallery, expected):
+        assert caption.startswith(f"“{query}” #{rank}: {hit['file_name']} · ") and image.size[0] > 0
+        assert caption.endswith(" ✓") == bool(hit["match"])
+
+
 def test_lit_export_card_shows_how_to_load_the_parts(lit_run, tmp_path):
     from mmdemo.hub import export_run
 

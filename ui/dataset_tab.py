@@ -56,7 +56,7 @@ def build_dataset_tab():
                     "`caption`). **VQA**: `file_name`, `question`, `answer` (or `answers`, a list).")
         with gr.Row():
             file = gr.File(label=f"Dataset (zip, csv or jsonl; at most {MAX_UPLOAD})",
-                           file_types=[".zip", ".csv", ".jsonl"], type="filepath")
+                           file_types=[".zip", ".csv", ".jsonl"], type="filepath", elem_id="dataset-file")
             with gr.Column():
                 task = gr.Radio(TASKS, value="classification", label="Task")
                 hub_id = gr.Textbox(label="…or a Hugging Face Hub dataset id", placeholder="owner/name")

@@ -110,7 +110,8 @@ def build_search_tab(browser_id):
         gallery = gr.Gallery(label="Best matches (file · cosine similarity)", columns=6, height=260,
                              elem_id="search-gallery")
         with gr.Row():
-            image = gr.Image(type="pil", label="…or drop an image to find its captions", height=220)
+            image = gr.Image(type="pil", label="…or drop an image to find its captions", height=220,
+                             elem_id="search-image")
             with gr.Column():
                 caption_button = gr.Button("Find captions", elem_id="search-captions-button")
                 captions = gr.Dataframe(headers=["caption", "score"], label="Best captions", elem_id="search-captions")

@@ -179,8 +179,8 @@ def build_train_tab(browser_id):
             confusion = gr.Image(label="Confusion matrix", type="filepath", height=320)
         build_baseline_comparison(browser_id, run, report)
         # contain: a small image shown whole (cover crops a 64 px shape to its background)
-        mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), or reference → predicted "
-                                    "text", columns=8, height=260, object_fit="contain", elem_id="report-examples")
+        mistakes = gr.Gallery(label="Validation examples: misclassified (true → predicted), reference → predicted "
+                                    "text, or a text query's best images", columns=8, height=260, object_fit="contain", elem_id="report-examples")
         build_bakeoff_section(browser_id, dataset, fields)
         build_distill_section(browser_id, run)
         build_deploy_section(browser_id, run)
