@@ -150,7 +150,12 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
                                 tok.sep_token_id, tok.pad_token_id, new_tokens)
             return [tok.decode(i, skip_special_tokens=True).strip() for i in ids]
 
-        texts = [text for start in range(0, len(rows), 64) for text in generate(list(range(start, min(start + 64, len(rows)))))]
+        # Chunks of 64 rows in question-length order, as training's evaluation: a few same-length batches each.
+        order, texts = sorted(range(len(rows)), key=lambda i: len(prompts[i])), [""] * len(rows)
+        for start in range(0, len(order), 64):
+            idx = order[start:start + 64]
+            for i, text in zip(idx, generate(idx)):
+                texts[i] = text
         rows_out.append(text_row(name, label, texts, reference, rows, size,
                                  latency_ms(lambda _: generate([0]), None, latency_runs)))
     metric = "vqa_accuracy" if task == "vqa" else "cider"
