@@ -15,7 +15,7 @@ from test_export_onnx import app_export, run_card_snippet
 from test_vlm import picture
 
 from mmdemo.config import TrainConfig
-from mmdemo.deploy.export import EXAMPLE_QUESTION
+from mmdemo.deploy.export import EXAMPLE_QUESTION, export_onnx_run
 from mmdemo.deploy.lab import session
 from mmdemo.deploy.runtime import generate_onnx, preprocess
 from mmdemo.deploy.text import export_text_fp32
@@ -105,3 +105,16 @@ def test_the_text_card_snippet_runs_with_numpy_pil_onnxruntime_and_tokenizers_on
     model = load_image_text_model(vqa_run / "model").eval()
     expected = torch_answers(model, [Image.open(tmp_path / "image.jpg")], [EXAMPLE_QUESTION], max_new_tokens=20)
     assert printed == expected[0]
+
+
+def test_a_captioning_run_exports_and_is_scored_by_cider(tmp_path):
+    data = write_text_dataset(tmp_path / "data", "captioning", "shape", n_val=4)
+    run = tmp_path / "run"
+    train(TrainConfig(task="captioning", data=data, output_dir=str(run), max_steps=1, learning_rate=1e-7, **COMMON))
+    lab = export_onnx_run(run, tmp_path / "out", latency_runs=1)
+    rows = {r["variant"]: r for r in lab["variants"]}
+    assert (lab["task"], lab["metric"], lab["max_new_tokens"], set(rows)) == ("captioning", "cider", 24,
+                                                                              {"torch fp32", "onnx fp32"})
+    assert rows["onnx fp32"]["agreement"] == 1.0 and rows["onnx fp32"]["accuracy"] == rows["torch fp32"]["accuracy"]
+    assert all(e["question"] is None and len(e["text"].split()) >= 2 for e in rows["onnx fp32"]["examples"])
+    assert "| CIDEr-D |" in (tmp_path / "out" / "README.md").read_text()
