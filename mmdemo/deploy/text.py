@@ -118,22 +118,7 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
     details = {}
     for kind in quantize:
         files[kind] = tuple(out / name for name in text_files(kind))
-        if kind == "int8":
-            method, keep_fp32, activations = int8_options
-            untied = out / "decoder_untied.onnx"
-            copies = untie_gathers(files["fp32"][1], untied)
-            # The encoder as the classifier (static, calibrated on training images); the decoder dynamic, the
-            # standard for transformer decoders (activations quantised per call, nothing to calibrate).
-            try:
-                details["int8"] = {
-                    "encoder": quantize_int8(files["fp32"][0], files[kind][0], calibration, method=method,
-                                             keep_fp32=keep_fp32, activations=activations),
-                    "decoder": {**quantize_int8(untied, files[kind][1], None, keep_fp32=(), pre_process=False),
-                                "untied_embeddings": copies}}
-            finally:
-                untied.unlink(missing_ok=True)
-        else:
-            details["fp16"] = {part: convert_fp16(src, dst) for part, src, dst in zip(PARTS, files["fp32"], files[kind])}
+        details[kind] = write_variant(kind, files["fp32"], files[kind], calibration, int8_options)
     kind_of = {}
     for kind, (encoder_path, decoder_path) in files.items():
         name, label = f"onnx {kind}", f"{encoder_path.name} + {decoder_path.name}"
@@ -164,6 +149,27 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
             "max_new_tokens": new_tokens, "kv_cache": False, "prompt_tuned": model._prompts() is not None,
             **machine(threads, latency_runs), "quantization": details, "variants": rows_out,
             **conclude(rows_out, kind_of)}
+
+
+def write_variant(kind: str, fp32: tuple[Path, Path], paths: tuple[Path, Path], calibration, int8_options) -> dict:
+    """The int8 or fp16 encoder and decoder written to ``paths`` from the fp32 files; returns what was done.
+
+    int8: the encoder as the classifier (static, calibrated on training images: dynamic lost 8 points on the VQA
+    sample, bench/RESULTS.md); the decoder dynamic, the standard for transformer decoders (activations quantised
+    per call, nothing to calibrate), from a copy whose word embeddings no longer share the LM head's initializer.
+    """
+    if kind == "fp16":
+        return {part: convert_fp16(src, dst) for part, src, dst in zip(PARTS, fp32, paths)}
+    method, keep_fp32, activations = int8_options
+    untied = paths[1].with_name("decoder_untied.onnx")
+    try:
+        copies = untie_gathers(fp32[1], untied)
+        return {"encoder": quantize_int8(fp32[0], paths[0], calibration, method=method, keep_fp32=keep_fp32,
+                                         activations=activations),
+                "decoder": {**quantize_int8(untied, paths[1], None, keep_fp32=(), pre_process=False),
+                            "untied_embeddings": copies}}
+    finally:
+        untied.unlink(missing_ok=True)
 
 
 def text_row(name: str, file: str, texts: list[str], reference: list[str], rows, size_bytes: int,
