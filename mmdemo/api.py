@@ -241,9 +241,10 @@ def export(workspace: Path, run_id: str, out_dir: Path, *, repo_id: str | None =
 
 
 def export_onnx(workspace: Path, run_id: str, quantize=("int8", "fp16"), **options) -> dict:
-    """Exports a classification run to ONNX into RUN/onnx/ (replacing an earlier export) and measures each
-    variant (see mmdemo.deploy.export_onnx_run); returns export.json's content. The Classify tab then runs
-    them as ``RUN_ID/onnx/model.onnx``, ``.../model_int8.onnx``, ``.../model_fp16.onnx``."""
+    """Exports a classification run (or a captioning / VQA run of the composed captioner) to ONNX into RUN/onnx/
+    (replacing an earlier export) and measures each variant (see mmdemo.deploy.export_onnx_run); returns
+    export.json's content. The Classify tab then runs a classifier's as ``RUN_ID/onnx/model.onnx``,
+    ``.../model_int8.onnx``, ``.../model_fp16.onnx``."""
     import shutil
 
     from .deploy import RUN_ONNX_DIR, check_request, export_onnx_run

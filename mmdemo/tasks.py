@@ -22,6 +22,8 @@ from .recipe import fit_head, follows_data, image_side, sample, use_crops, use_h
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
+MAX_NEW_TOKENS = {"vqa": 8, "captioning": 24}  # what evaluation generates: short answers, one-sentence captions
+
 
 class ClassificationTask:
     main_metric = "accuracy"
@@ -239,7 +241,7 @@ class TextTask:
         apply_text_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
         self.image_size = cfg.image_size or self.model.preprocess.image_size
         self.model.preprocess.image_size = self.image_size
-        self.max_new_tokens = 8 if cfg.task == "vqa" else 24
+        self.max_new_tokens = MAX_NEW_TOKENS[cfg.task]
         self.frozen = self.model.vision_modules() if cfg.method != "full" else []
         featurize = None
         if self.frozen and hasattr(self.model, "image_features"):

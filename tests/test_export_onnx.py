@@ -48,12 +48,27 @@ def lite0_run(shapes):
     return run
 
 
+def app_export(run: Path, **options) -> tuple[Path, dict]:
+    """The app's export of a run of workspace ``run.parents[1]`` (api.export_onnx, into RUN/onnx/): fp32, int8, fp16."""
+    return run / "onnx", api.export_onnx(run.parents[1], run.name, quantize=["int8", "fp16"], **options)
+
+
+def run_card_snippet(out: Path, folder: Path, files) -> str:
+    """The card's python snippet run in ``folder`` (image.jpg there, ``files`` of the export linked in) by a Python
+    without mmdemo on its path, which must not import torch, transformers or mmdemo; its stdout."""
+    snippet = re.search(r"```python\n(import json, numpy.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    for name in files:
+        (folder / name).symlink_to(out / name)
+    code = snippet + "\nimport sys; assert not {'torch', 'transformers', 'mmdemo'} & set(sys.modules), sorted(sys.modules)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def exported(lite0_run):
-    """The app's export (api.export_onnx, into RUN/onnx/): fp32, int8, fp16."""
-    lab = api.export_onnx(lite0_run.parents[1], RUN_ID, quantize=["int8", "fp16"], calibration_images=16,
-                          latency_runs=5)
-    return lite0_run / "onnx", lab
+    return app_export(lite0_run, calibration_images=16, latency_runs=5)
 
 
 def test_each_variant_runs_in_onnxruntime_and_agrees_with_torch(exported):
@@ -124,35 +139,35 @@ def test_the_offline_lite2_base_exports_to_every_format(shapes, tmp_path):
     assert rows["onnx fp16"]["agreement"] >= 0.9 and rows["onnx int8"]["size_vs_onnx_fp32"] < 0.4
 
 
-@pytest.mark.parametrize("task", ["captioning", "vqa", "image_text_classification", "retrieval"])
-def test_text_and_multimodal_runs_are_refused_naming_what_exports(task):
+WHAT_EXPORTS = (r"ONNX export supports classification runs \(families efficientnet_lite0, efficientnet_lite1, "
+                r"efficientnet_lite2, timm, transformers\) and captioning / VQA runs of the offline composed captioner "
+                r"\(efficientnet_lite0\+minilm\); ")
+
+
+@pytest.mark.parametrize("task, family", [("captioning", "blip"), ("vqa", "git"), ("vqa", "vlm"),
+                                          ("image_text_classification", "clip"), ("retrieval", "clip")])
+def test_text_and_multimodal_runs_are_refused_naming_what_exports(task, family):
     from mmdemo.deploy.export import check_exportable
 
-    with pytest.raises(UserInputError, match=rf"ONNX export supports classification runs \(families efficientnet_lite0, "
-                                             rf"efficientnet_lite1, efficientnet_lite2, timm, transformers\); this run is "
-                                             rf"{task}: export it with --format pytorch"):
-        check_exportable({"task": task, "family": "composed"})
+    where = rf"this {task} run is of the {family} family" if task in ("captioning", "vqa") else rf"this run is {task}"
+    with pytest.raises(UserInputError, match=WHAT_EXPORTS + where + ": export it with --format pytorch"):
+        check_exportable({"task": task, "family": family})
     with pytest.raises(UserInputError, match=r"supports the efficientnet_lite0, .* classifier families \(this run: x\)"):
         check_exportable({"task": "classification", "family": "x"})
+    for task in ("captioning", "vqa"):  # the composed captioner's runs export (tests/test_export_text_onnx.py)
+        check_exportable({"task": task, "family": "composed"})
 
 
 def test_the_card_snippet_runs_with_numpy_pil_and_onnxruntime_only(exported, tmp_path):
     out, _ = exported
     card = (out / "README.md").read_text()
     assert "## ONNX (onnxruntime)" in card and "| onnx int8 |" in card.replace("**", "")
-    snippet = re.search(r"```python\n(import json, numpy.*?)```", card, re.S).group(1)
     example().save(tmp_path / "image.jpg")
-    for name in ("model.onnx", "mmdemo.json"):
-        (tmp_path / name).symlink_to(out / name)
-    code = snippet + "\nimport sys; assert not {'torch', 'mmdemo'} & set(sys.modules), sorted(sys.modules)\n"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
+    printed = run_card_snippet(out, tmp_path, ("model.onnx", "mmdemo.json"))
     from mmdemo.deploy import classify_onnx
 
     expected = next(iter(classify_onnx(Image.open(tmp_path / "image.jpg"), out / "model.onnx", 1)))
-    assert done.stdout.strip() == expected == "circle"
+    assert printed == expected == "circle"
 
 
 def test_classify_runs_an_exported_variant_of_the_callers_own_run(exported, lite0_run, tmp_path):
@@ -196,7 +211,7 @@ def test_bad_requests_name_what_is_supported(lite0_run, tmp_path):
     saved = meta.read_text()
     try:
         meta.write_text(json.dumps({**json.loads(saved), "task": "captioning"}))
-        with pytest.raises(UserInputError, match=r"ONNX export supports classification runs .*this run is captioning"):
+        with pytest.raises(UserInputError, match=WHAT_EXPORTS + "this captioning run is of the timm family"):
             export_onnx_run(lite0_run, tmp_path / "text")
     finally:
         meta.write_text(saved)

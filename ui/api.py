@@ -70,9 +70,11 @@ def api_push_to_hub(run_id: str, repo_id: str, token: str = "", private: bool = 
 
 
 def api_export_onnx(run_id: str, quantize: str = "int8,fp16", request: gr.Request = None) -> dict:
-    """Exports a classification run to ONNX (fp32, plus int8 / fp16 as asked, comma-separated) and measures each
-    file: {variants: [{variant, file, accuracy, delta_points, agreement, size_mb, latency_ms_p50, latency_ms_p95,
-    best, warning}], best, warnings, ...}. Classify then takes checkpoint "RUN_ID/onnx/model_int8.onnx"."""
+    """Exports a classification run (or a captioning / VQA run of the offline composed captioner: encoder.onnx +
+    decoder.onnx) to ONNX (fp32, plus int8 / fp16 as asked, comma-separated) and measures each file: {variants:
+    [{variant, file, accuracy, delta_points, agreement, size_mb, latency_ms_p50, latency_ms_p95, best, warning}],
+    best, warnings, ...} (captioning / VQA: ``accuracy`` holds ``metric``, CIDEr-D or VQA accuracy). Classify then
+    takes checkpoint "RUN_ID/onnx/model_int8.onnx"."""
     lab = api.export_onnx(api_workspace(request), run_id, quantize=[q for q in (quantize or "").split(",") if q.strip()])
     lab.pop("files", None)
     return lab

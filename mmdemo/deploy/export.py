@@ -9,7 +9,6 @@ nor torch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,17 +16,18 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..runs import read_json
-from .lab import FIXES, judge, latency_ms, onnx_logits, session, torch_logits, variant_row
+from .lab import conclude, latency_ms, machine, onnx_logits, session, torch_logits, unrunnable, variant_row
 from .onnx import ACTIVATIONS, CALIBRATION_METHODS, FILES, KEEP_FP32, convert_fp16, export_fp32, quantize_int8
 
 FORMATS = ("pytorch", "onnx")
 QUANTIZE = ("int8", "fp16")
 ONNX_TASKS = ("classification",)
+TEXT_TASKS, TEXT_FAMILIES = ("captioning", "vqa"), ("composed",)  # deploy/text.py: encoder.onnx + decoder.onnx
+DEFAULT_TEXT_MODEL = "efficientnet_lite0+minilm"  # the composed family's base model (vlm.base, which loads torch)
 LAB_FILE = "export.json"
 DEFAULT_CALIBRATION_IMAGES = 100
-SNIPPET = '''import json, numpy as np, onnxruntime as ort
-from PIL import Image
-meta = json.load(open("mmdemo.json"))  # labels and preprocessing, the same file the PyTorch export reads
+IMPORTS = "import json, numpy as np, onnxruntime as ort\nfrom PIL import Image\n"
+PREPROCESS = '''meta = json.load(open("mmdemo.json"))  # preprocessing (and labels), the same file the PyTorch export reads
 pre, s = meta["preprocess"], meta["preprocess"]["image_size"]
 img = Image.open("image.jpg").convert("RGB")
 k = s / pre["crop_pct"] / min(img.size)
@@ -35,8 +35,23 @@ w, h = max(s, round(img.width * k)), max(s, round(img.height * k))
 left, top = (w - s) // 2, (h - s) // 2
 img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + s, top + s))
 x = ((np.asarray(img, np.float32) / 255 - pre["mean"]) / pre["std"]).transpose(2, 0, 1)[None].astype(np.float32)
-logits = ort.InferenceSession("model.onnx").run(None, {"pixel_values": x})[0][0]
+'''
+SNIPPET = IMPORTS + PREPROCESS + '''logits = ort.InferenceSession("model.onnx").run(None, {"pixel_values": x})[0][0]
 print(meta["id2label"][str(int(logits.argmax()))])
+'''
+EXAMPLE_QUESTION = "what color is the shape?"
+TEXT_SNIPPET = IMPORTS + "from tokenizers import Tokenizer\n" + PREPROCESS + '''tok = Tokenizer.from_file("text/tokenizer.json")
+tok.enable_truncation(48)
+question = {question}
+ids = tok.encode(question).ids if question else [tok.token_to_id("[CLS]")]  # VQA: the question; captions: [CLS]
+memory = ort.InferenceSession("encoder.onnx").run(None, {{"pixel_values": x}})[0]
+decoder, new = ort.InferenceSession("decoder.onnx"), []
+for _ in range(20):  # greedy: the most likely next token until [SEP]
+    token = int(decoder.run(None, {{"input_ids": np.array([ids + new], np.int64), "memory": memory}})[0][0].argmax())
+    if token == tok.token_to_id("[SEP]"):
+        break
+    new.append(token)
+print(tok.decode(new))
 '''
 
 
@@ -64,13 +79,17 @@ def onnx_families() -> tuple[str, ...]:
 
 
 def check_exportable(meta: dict) -> None:
-    """Refuses (UserInputError, naming what is supported) a run that is no classifier of a registered family."""
+    """Refuses (UserInputError, naming what is supported) a run that is neither a classifier of a registered
+    family nor a captioning / VQA run of the composed captioner."""
     task, family = meta.get("task", "classification"), meta.get("family", "")
     supported = onnx_families()
-    if task not in ONNX_TASKS:
-        raise UserInputError(f"ONNX export supports {', '.join(ONNX_TASKS)} runs (families {', '.join(supported)}); "
-                             f"this run is {task}: export it with --format pytorch.")
-    if family not in supported:
+    what = (f"ONNX export supports classification runs (families {', '.join(supported)}) and captioning / VQA runs "
+            f"of the offline composed captioner ({DEFAULT_TEXT_MODEL})")
+    if task not in (*ONNX_TASKS, *TEXT_TASKS):
+        raise UserInputError(f"{what}; this run is {task}: export it with --format pytorch.")
+    if task in TEXT_TASKS and family not in TEXT_FAMILIES:
+        raise UserInputError(f"{what}; this {task} run is of the {family} family: export it with --format pytorch.")
+    if task in ONNX_TASKS and family not in supported:
         raise UserInputError(f"ONNX export supports the {', '.join(supported)} classifier families (this run: "
                              f"{family}); export it with --format pytorch.")
 
@@ -79,17 +98,19 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
                     calibration: str = "minmax", keep_fp32=("last",), latency_runs: int = 30,
                     max_val_images: int = 0, calibration_pixels: np.ndarray | None = None,
                     activations: str = "int8") -> dict:
-    """The PyTorch export of a classification run into ``out_dir``, plus its ONNX variants and the lab.
+    """The PyTorch export of a classification run (or a captioning / VQA run of the composed captioner: encoder and
+    decoder files, see ``deploy.text``) into ``out_dir``, plus its ONNX variants and the lab.
 
     Args:
-        run_dir: a finished (or stopped) classification run.
+        run_dir: a finished (or stopped) classification, or composed captioning / VQA, run.
         out_dir: a new or empty folder.
-        quantize: any of "int8", "fp16" (fp32 ``model.onnx`` is always written).
+        quantize: any of "int8", "fp16" (fp32 ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``, is always
+            written).
         calibration_images: training images that calibrate int8 (0: dynamic quantisation).
         calibration: "minmax", "entropy" or "percentile".
         keep_fp32: layers int8 keeps in fp32: "first" (Conv), "last" (Gemm / MatMul).
         latency_runs: timed batch-1 calls per variant.
-        max_val_images: measure on at most this many validation images (0: all).
+        max_val_images: measure on at most this many validation images / items (0: all).
         activations: int8 activations "int8" (symmetric) or "uint8" (asymmetric).
         calibration_pixels: preprocessed images (N x 3 x S x S float32) that calibrate int8 instead of the
             training split's.
@@ -113,14 +134,28 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
                  for k in str(item).split(",") if k.strip() and k.strip() != "none"]
     if any(k not in KEEP_FP32 for k in keep_fp32):
         raise UserInputError(f"--keep-fp32 takes {', '.join(KEEP_FP32)} or none (got '{','.join(keep_fp32)}').")
-    clf, val, train_pixels = _model_and_data(run_dir, cfg, calibration_images, max_val_images)
+    if int(max_val_images or 0) < 0:
+        raise UserInputError(f"--max-val-images must be 0 (all) or more (got {max_val_images}).")
+    int8_options = (calibration, keep_fp32, activations)
+    if meta["task"] in TEXT_TASKS:
+        from .text import text_lab, text_model_and_data
+
+        model, val, train_pixels = text_model_and_data(run_dir, _splits(cfg), calibration_images, max_val_images)
+
+        def measure():
+            return text_lab(model, out, val, train_pixels, quantize, int8_options, latency_runs)
+    else:
+        clf, val, train_pixels = _model_and_data(run_dir, cfg, calibration_images, max_val_images)
+
+        def measure():
+            return _lab(clf, out, val, train_pixels, quantize, int8_options, latency_runs)
     if calibration_pixels is not None:
         train_pixels = np.asarray(calibration_pixels, np.float32)
-    # The ONNX file holds the whole network; the PyTorch files beside it keep adapter / vpt modules in
-    # adapter/, as those methods cannot merge into timm / transformers weights.
-    export_run(run_dir, out, merged=not meta.get("added_modules"))
+    # The ONNX files hold the whole network; the PyTorch files beside them keep adapter / vpt modules and
+    # learned prompts in adapter/, as those methods cannot merge into timm / transformers weights.
+    export_run(run_dir, out, merged=not (meta.get("added_modules") or meta.get("prompt_tuning")))
     try:
-        lab = _lab(clf, out, val, train_pixels, quantize, (calibration, keep_fp32, activations), latency_runs)
+        lab = measure()
         lab.update(run=run_dir.name, family=meta.get("family"), base_model=meta.get("base_model"))
         (out / LAB_FILE).write_text(json.dumps(lab, indent=2))
         with open(out / "README.md", "a") as card:
@@ -133,18 +168,13 @@ def export_onnx_run(run_dir, out_dir, *, quantize=(), calibration_images: int = 
 
 def _model_and_data(run_dir: Path, cfg: dict, calibration_images: int, max_val_images: int):
     """The run's classifier (merged) and its preprocessed validation / calibration images."""
-    from ..data import load_splits
     from ..images import normalize, resize_center_crop
     from ..models import load_classifier
 
     import torch
 
     clf = load_classifier(run_dir / "model").eval()
-    data = Path(str(cfg.get("data") or ""))
-    if not (data / "data").is_dir():
-        raise UserInputError(f"The export lab measures every variant on the run's validation images, and the run's "
-                             f"dataset '{data.name}' is gone: ingest it again, or export with --format pytorch.")
-    splits = load_splits(data)
+    splits = _splits(cfg)
     pre = clf.preprocess
 
     def pixels(images) -> np.ndarray:
@@ -162,6 +192,17 @@ def _model_and_data(run_dir: Path, cfg: dict, calibration_images: int, max_val_i
     train = splits["train"]
     picked = train.shuffle(seed=0).select(range(min(calibration_images, len(train)))) if calibration_images else None
     return clf, (pixels(val["image"]), targets), (pixels(picked["image"]) if picked is not None else None)
+
+
+def _splits(cfg: dict):
+    """The run's dataset splits (the lab measures on its validation split)."""
+    from ..data import load_splits
+
+    data = Path(str(cfg.get("data") or ""))
+    if not (data / "data").is_dir():
+        raise UserInputError(f"The export lab measures every variant on the run's validation images, and the run's "
+                             f"dataset '{data.name}' is gone: ingest it again, or export with --format pytorch.")
+    return load_splits(data)
 
 
 def _lab(clf, out: Path, val, train_pixels, quantize, int8_options, latency_runs) -> dict:
@@ -193,39 +234,26 @@ def _lab(clf, out: Path, val, train_pixels, quantize, int8_options, latency_runs
         try:
             sess = session(path, threads)
         except Exception as e:  # noqa: BLE001 - a file this CPU's provider cannot run: say so, keep the others
-            rows.append({**variant_row(name, path.name, reference, reference, targets, path.stat().st_size, (0, 0)),
-                         "accuracy": None, "delta_points": None, "agreement": None, "latency_ms_p50": None,
-                         "latency_ms_p95": None, "error": f"onnxruntime's CPU provider cannot run it: {e}"[:300]})
+            rows.append(unrunnable(variant_row(name, path.name, reference, reference, targets, path.stat().st_size,
+                                               (0, 0)), e))
             continue
         logits = onnx_logits(sess, pixels)
         rows.append(variant_row(name, path.name, logits, reference, targets, path.stat().st_size,
                                 latency_ms(lambda x: sess.run(None, {"pixel_values": x}), one, latency_runs)))
-    runnable = [r for r in rows if r.get("latency_ms_p50") is not None]
-    warnings = judge(runnable, kind_of)
-    warnings += [f"{r['variant']}: {r['error']}. Likely fix: {FIXES[kind_of[r['variant']]]}" for r in rows if r.get("error")]
-    best = next((r["variant"] for r in rows if r["best"]), None)
-    fp32_size = next(r["size_mb"] for r in rows if r["variant"] == "onnx fp32")
-    for r in rows:
-        r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3) if fp32_size else None
     return {"task": "classification", "image_size": clf.preprocess.image_size, "num_val": int(len(targets)),
-            "input": "pixel_values", "output": "logits", "threads": threads, "latency_runs": latency_runs,
-            "cpu": _cpu_name(), "loadavg": [round(v, 2) for v in os.getloadavg()], "quantization": details,
-            "variants": rows, "best": best, "warnings": warnings}
-
-
-def _cpu_name() -> str:
-    try:
-        line = next(li for li in Path("/proc/cpuinfo").read_text().splitlines() if li.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return ""
+            "input": "pixel_values", "output": "logits", **machine(threads, latency_runs), "quantization": details,
+            "variants": rows, **conclude(rows, kind_of)}
 
 
 def card_section(lab: dict) -> str:
     """The README's ONNX section: the lab table, its warnings, and the onnxruntime snippet."""
-    head = "| variant | file | accuracy | delta (points) | agreement | size (MB) | latency p50 / p95 (ms) |"
+    text = lab["task"] in TEXT_TASKS
+    metric = {"vqa_accuracy": "VQA accuracy", "cider": "CIDEr-D"}.get(lab.get("metric"), "accuracy")
+    head = f"| variant | file | {metric} | delta (points) | agreement | size (MB) | latency p50 / p95 (ms) |"
+    what = ("validation items (agreement: identical generated text; latency: one whole greedy generation)" if text
+            else "validation images")
     lines = ["", "## ONNX (onnxruntime)", "",
-             f"Measured on {lab['num_val']} validation images and this machine's CPU ({lab['cpu'] or 'unknown'}, "
+             f"Measured on {lab['num_val']} {what} and this machine's CPU ({lab['cpu'] or 'unknown'}, "
              f"{lab['threads']} threads, batch 1, {lab['latency_runs']} runs); the best variant (fastest within 1 "
              "point of PyTorch) is in bold.", "", head, "|---|---|---|---|---|---|---|"]
     for r in lab["variants"]:
@@ -235,9 +263,18 @@ def card_section(lab: dict) -> str:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- ⚠️ {w}" for w in lab["warnings"]] + (["" ] if lab["warnings"] else [])
-    lines += ["Run it with numpy, Pillow and onnxruntime only (`pip install onnxruntime pillow numpy`); the input is "
-              "`pixel_values` (N x 3 x S x S, float32), the output `logits`:", "", "```python", SNIPPET.rstrip(), "```",
-              ""]
+    if text:
+        question = repr(EXAMPLE_QUESTION) if lab["task"] == "vqa" else "None"
+        lines += ["Run it with numpy, Pillow, onnxruntime and tokenizers only (`pip install onnxruntime pillow numpy "
+                  "tokenizers`): `encoder.onnx` turns `pixel_values` (N x 3 x S x S, float32) into `memory`; "
+                  "`decoder.onnx` takes `input_ids` (N x T, int64) and `memory` and returns the next token's "
+                  "`logits` (N x vocabulary). There is no KV cache: each step runs the whole sequence, cheap for "
+                  "answers and captions this short.", "", "```python",
+                  TEXT_SNIPPET.format(question=question).rstrip(), "```", ""]
+    else:
+        lines += ["Run it with numpy, Pillow and onnxruntime only (`pip install onnxruntime pillow numpy`); the "
+                  "input is `pixel_values` (N x 3 x S x S, float32), the output `logits`:", "", "```python",
+                  SNIPPET.rstrip(), "```", ""]
     return "\n".join(lines)
 
 

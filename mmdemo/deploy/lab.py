@@ -8,6 +8,7 @@ within that drop is the best one.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -107,3 +108,35 @@ def judge(rows: list[dict], kind_of: dict[str, str]) -> list[str]:
     if fine:
         min(fine, key=lambda r: r["latency_ms_p50"])["best"] = True
     return warnings
+
+
+def unrunnable(row: dict, error: Exception) -> dict:
+    """``row`` of a file this CPU's onnxruntime provider cannot run: its size stays, its measurements go."""
+    return {**row, "accuracy": None, "delta_points": None, "agreement": None, "latency_ms_p50": None,
+            "latency_ms_p95": None, "error": f"onnxruntime's CPU provider cannot run it: {error}"[:300]}
+
+
+def conclude(rows: list[dict], kind_of: dict[str, str]) -> dict:
+    """The lab's verdict over its rows (each ONNX row named in ``kind_of``, the PyTorch one not): ``judge``'s
+    warnings and ``best``, unrunnable files' fixes, each row's size against ONNX fp32."""
+    runnable = [r for r in rows if r.get("latency_ms_p50") is not None]
+    warnings = judge(runnable, kind_of)
+    warnings += [f"{r['variant']}: {r['error']}. Likely fix: {FIXES[kind_of[r['variant']]]}" for r in rows if r.get("error")]
+    fp32_size = next(r["size_mb"] for r in rows if r["variant"] == "onnx fp32")
+    for r in rows:
+        r["size_vs_onnx_fp32"] = round(r["size_mb"] / fp32_size, 3) if fp32_size else None
+    return {"best": next((r["variant"] for r in rows if r["best"]), None), "warnings": warnings}
+
+
+def machine(threads: int, latency_runs: int) -> dict:
+    """Where the lab measured: export.json's threads, latency_runs, cpu and loadavg."""
+    return {"threads": threads, "latency_runs": latency_runs, "cpu": _cpu_name(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _cpu_name() -> str:
+    try:
+        line = next(li for li in Path("/proc/cpuinfo").read_text().splitlines() if li.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return ""

@@ -25,15 +25,28 @@ def export_fp32(clf, path: Path, image_size: int) -> Path:
     """
     import torch
 
-    from ..errors import UserInputError
-
     clf = static_vit_size(static_padding(clf.eval().float(), image_size), image_size)
     x = torch.zeros(1, 3, image_size, image_size)
+    return export_graph(clf, path, {INPUT: x}, {OUTPUT: {0: "batch"}}, {INPUT: {0: "batch"}})
+
+
+def export_graph(module, path: Path, inputs: dict, outputs: dict, dynamic: dict) -> Path:
+    """``module(*inputs.values())`` traced into ``path`` with the legacy exporter at ``OPSET``: ``inputs`` maps
+    each input name to its example tensor, ``outputs`` each output name to its dynamic axes, ``dynamic`` the
+    inputs' dynamic axes."""
+    import torch
+
+    from ..errors import UserInputError
+
+    # In eval mode before the export: the exporter puts a module back in the mode it found it in, and a wrapper
+    # left in training mode would switch dropout on in the model it wraps.
+    module.eval()
     with warnings.catch_warnings(), torch.no_grad(), _pos_embed_as_is():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings
         try:
-            torch.onnx.export(clf, (x,), str(path), input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+            torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs),
+                              output_names=list(outputs), opset_version=OPSET,
+                              dynamic_axes={**dynamic, **outputs}, dynamo=False)
         except torch.onnx.errors.UnsupportedOperatorError as e:
             raise UserInputError(f"This model has an operation ONNX opset {OPSET} cannot represent ({e}); export it "
                                  f"in the PyTorch format (--format pytorch) instead.") from e
@@ -152,7 +165,7 @@ def lacks_vnni(cpuinfo: str | None = None) -> bool:
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, method: str = "minmax",
                   keep_fp32=("last",), per_channel: bool = True, activations: str = "int8",
-                  reduce_range: bool | None = None) -> dict:
+                  reduce_range: bool | None = None, pre_process: bool = True) -> dict:
     """``fp32`` quantised to int8 into ``out``; returns what was done (written to export.json).
 
     Static quantisation (QDQ, int8 weights per channel; activations ``int8`` symmetric, onnxruntime's recommended
@@ -160,7 +173,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, meth
     after onnxruntime's pre-processing (shape inference, graph optimisation); dynamic quantisation (weights
     only, activations quantised at run time) where there are no calibration images or static fails.
     ``reduce_range`` (7-bit weights) None = on where this CPU ``lacks_vnni``: the lab measures each file on the
-    machine that exports it, so the file is quantised for that machine's kernels.
+    machine that exports it, so the file is quantised for that machine's kernels. ``pre_process`` False: quantise
+    the graph as exported, without onnxruntime's pre-processing (shape inference, graph optimisation).
     """
     if reduce_range is None:
         reduce_range = lacks_vnni()
@@ -169,11 +183,13 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, meth
 
     prepared = out.with_name(out.stem + "_prep.onnx")
     try:
+        if not pre_process:
+            raise ValueError("not asked for")
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     except Exception:  # noqa: BLE001 - the pre-processing only helps; quantise the model as exported
         prepared.write_bytes(fp32.read_bytes())
     excluded = excluded_nodes(prepared, keep_fp32)
-    info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded,
+    info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded, "pre_process": pre_process,
             "activations": activations, "reduce_range": reduce_range}
     try:
         if calibration is None or not len(calibration):
@@ -204,7 +220,9 @@ def convert_fp16(fp32: Path, out: Path) -> dict:
     import onnx
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a warning per weight below fp16's smallest step (set to that step)
+        model = float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
     fixed = _fix_float_casts(model)
     onnx.save(model, str(out))
     return {"keep_io_types": True, "casts_retyped": fixed}
@@ -223,3 +241,28 @@ def _fix_float_casts(model) -> int:
                 if attr.name == "to" and attr.i == TensorProto.FLOAT:
                     attr.i, fixed = TensorProto.FLOAT16, fixed + 1
     return fixed
+
+
+def untie_gathers(fp32: Path, out: Path) -> int:
+    """``fp32`` into ``out`` with each Gather's weight its own copy where another node reads the same initializer
+    (a decoder's word embeddings tied to its LM head): quantising the head's Gemm transposes that shared
+    initializer, which the embedding Gather then reads (onnxruntime refuses the file). Returns the copies made."""
+    import onnx
+
+    model = onnx.load(str(fp32))
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    copies = 0
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in weights and readers[node.input[0]] > 1:
+            own = onnx.TensorProto()
+            own.CopyFrom(weights[node.input[0]])
+            own.name = f"{node.input[0]}.{node.name}"
+            graph.initializer.append(own)
+            node.input[0], copies = own.name, copies + 1
+    onnx.save(model, str(out))
+    return copies

@@ -86,3 +86,33 @@ def classify_onnx(image, path: Path, top_k: int = 5) -> dict[str, float]:
     probs /= probs.sum()
     top = np.argsort(-probs)[:top_k]
     return {labels[i]: round(float(probs[i]), 5) for i in top}
+
+
+def generate_onnx(encoder, decoder, pixels: np.ndarray, prompts: list[list[int]], sep_id: int, pad_id: int,
+                  max_new_tokens: int = 20) -> list[list[int]]:
+    """Greedy generation over an exported captioner's onnxruntime sessions, as ``ComposedCaptioner.generate``
+    (num_beams=1) does: the new token ids of each row (``[SEP]`` and the padding after it included; decode them
+    skipping special tokens).
+
+    Args:
+        encoder, decoder: sessions of ``encoder*.onnx`` (pixel_values -> memory) and ``decoder*.onnx``
+            (input_ids, memory -> the last position's logits).
+        pixels: preprocessed images, N x 3 x S x S float32, one per prompt.
+        prompts: each row's start: ``[CLS]`` (captioning) or the tokenised question (VQA).
+    """
+    memory = encoder.run(None, {INPUT: pixels})[0]
+    results: list[list[int]] = [[] for _ in prompts]
+    # Prompts of one length share a batch (BERT's absolute positions make left padding unsafe); without a KV
+    # cache each step runs the whole sequence again, which for answers and captions of a few tokens costs little.
+    for length in sorted({len(p) for p in prompts}):
+        idx = [i for i, p in enumerate(prompts) if len(p) == length]
+        ids, done = np.array([prompts[i] for i in idx], np.int64), np.zeros(len(idx), bool)
+        for _ in range(max_new_tokens):
+            logits = decoder.run(None, {"input_ids": ids, "memory": memory[idx]})[0]
+            token = np.where(done, pad_id, logits.argmax(-1))
+            ids, done = np.concatenate([ids, token[:, None]], 1), done | (token == sep_id)
+            if done.all():
+                break
+        for row, i in enumerate(idx):
+            results[i] = ids[row, length:].tolist()
+    return results

@@ -35,6 +35,8 @@ def add_cli_commands(subparsers) -> None:
     e.add_argument("--activations", default="int8", help="int8: activations int8 (symmetric) or uint8")
     e.add_argument("--keep-fp32", default="last", help="int8: layers kept in fp32: first, last, first,last or none")
     e.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
+    e.add_argument("--max-val-images", type=int, default=0, help="measure on at most this many validation images "
+                   "(captioning / VQA: items); 0: all")
     s = subparsers.add_parser("space", help="deploy this app as a Hugging Face Space")
     d = s.add_subparsers(dest="space_command", required=True).add_parser(
         "deploy", help="create or update a Gradio Space running this app (settings: Space.yaml)")
@@ -53,7 +55,7 @@ def _export(args) -> dict:
 
     lab = export_onnx_run(args.run_dir, args.out_dir, quantize=quantize, calibration_images=args.calibration_images,
                           calibration=args.calibration, keep_fp32=args.keep_fp32, latency_runs=args.latency_runs,
-                          activations=args.activations)
+                          activations=args.activations, max_val_images=args.max_val_images)
     for warning in lab["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return {"out_dir": args.out_dir, **lab}

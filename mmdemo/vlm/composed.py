@@ -14,7 +14,8 @@ from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 
 # Prompt tuning: learned vectors in front of the decoder's input (Lester et al. use 20 to 100 with large models).
 PROMPT_TOKENS = 20
-PROMPT_ADAPTER = "adapter"  # the model folder's subfolder that PeftModel.from_pretrained reads
+PROMPT_ADAPTER = "adapter"
+QUESTION_TOKENS = 48  # a VQA question's token limit, [CLS] and [SEP] included  # the model folder's subfolder that PeftModel.from_pretrained reads
 
 
 def minilm_path() -> str:
@@ -101,7 +102,8 @@ class ComposedCaptioner(ImageTextModel):
     def _embed(self, decoder, input_ids, prompts):
         """Input embeddings with the prompt vectors in front (BERT then numbers positions from the first prompt)."""
         words = decoder.get_input_embeddings()(input_ids)
-        return torch.cat([prompts.to(words.dtype).expand(len(words), -1, -1), words], 1)
+        # shape[0], not len(): traced into an ONNX graph, the batch stays an input dimension
+        return torch.cat([prompts.to(words.dtype).expand(words.shape[0], -1, -1), words], 1)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -149,6 +151,13 @@ class ComposedCaptioner(ImageTextModel):
         logits = decoder.cls(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), target[keep])
 
+    def prompt_ids(self, questions, n: int) -> list[list[int]]:
+        """The token ids generation starts from: ``[CLS]`` for each of ``n`` captions, else each tokenised question."""
+        tok = self.tokenizer
+        if questions is None:
+            return [[tok.cls_token_id]] * n
+        return [tok(q, truncation=True, max_length=QUESTION_TOKENS).input_ids for q in questions]
+
     @torch.no_grad()
     def generate(self, images, questions=None, max_new_tokens=20, num_beams=1, features=None) -> list[str]:
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -156,10 +165,7 @@ class ComposedCaptioner(ImageTextModel):
         tok = self.tokenizer
         device = next(self.parameters()).device
         memory = self.encode(features=features.to(device)) if features is not None else self.encode(self.pixels(images))
-        if questions is None:
-            prompts = [[tok.cls_token_id]] * len(memory)
-        else:
-            prompts = [tok(q, truncation=True, max_length=48).input_ids for q in questions]
+        prompts = self.prompt_ids(questions, len(memory))
         results = [""] * len(memory)
         virtual = self._prompts()
         # peft's own generate for prompt tuning loses BERT's positions after the first new token (its output
