@@ -57,6 +57,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--question", help="the question (vqa)")
     p.add_argument("--text", help="the text that goes with every image (image_text_classification)")
+    p.add_argument("--pairs", help="image_text_classification: a CSV file of image,text rows, one prediction per "
+                                   "row (a first row 'image,text' is a header; image paths relative to the file)")
     p.add_argument("--labels", help="comma-separated labels to choose from (retrieval: zero-shot classification)")
     p.add_argument("--template", help="retrieval: how a label becomes a caption, {} = the label ('a photo of a {}.')")
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -64,7 +66,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="images per forward pass (default: 32 on a GPU, 1 on the CPU, where bigger batches are "
                         "slower per image)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*")
 
 
 def _config_from_args(args):
@@ -223,16 +225,17 @@ def _failure_message(e: Exception, run_dir: Path | None = None) -> str:
 
 
 def _run_predict(args) -> int:
-    """One JSON line per image, in the order given; images go through the model --batch-size at a
-    time. An image that cannot be read gets an "error" line; the exit code is 1 if any line is one."""
+    """One JSON line per image (or --pairs row), in the order given; images go through the model --batch-size
+    at a time. An image that cannot be read gets an "error" line; the exit code is 1 if any line is one."""
     from .data import open_image
     from .inference import classify_batch, generate_batch, inference_device
 
+    items = _predict_items(args)
     checkpoint = _predict_checkpoint(args.checkpoint, args.task)
     # Default model, 2 CPU cores: 62 images/s one at a time, 54 in batches of 8, 47 in batches of 32.
     batch_size = args.batch_size or (32 if inference_device().type == "cuda" else 1)
 
-    def predict(images: list) -> list[dict]:
+    def predict(images: list, row_texts: list) -> list[dict]:
         if args.task == "classification":
             return [{"labels": labels} for labels in classify_batch(images, checkpoint, args.top_k)]
         if args.task == "retrieval":
@@ -242,30 +245,58 @@ def _run_predict(args) -> int:
         if args.task == "image_text_classification":
             from .imagetext import classify_batch as classify_with_text
 
-            return [{"text": args.text, "labels": labels}
-                    for labels in classify_with_text(images, [args.text] * len(images), checkpoint, args.top_k)]
+            return [{"text": text, "labels": labels}
+                    for text, labels in zip(row_texts, classify_with_text(images, row_texts, checkpoint, args.top_k))]
         questions = None if args.task == "captioning" else [args.question] * len(images)
         texts = generate_batch(images, questions, checkpoint, args.max_new_tokens, args.num_beams)
         key = "caption" if questions is None else "answer"
         return [{key: text} if questions is None else {"question": args.question, key: text} for text in texts]
 
     failed = False
-    paths = list(args.images)
-    for start in range(0, len(paths), batch_size):
+    for start in range(0, len(items), batch_size):
         records, images = {}, {}
-        for path in paths[start:start + batch_size]:
+        for i, (path, _) in enumerate(items[start:start + batch_size], start):
             try:
-                images[path] = open_image(path, name=path)
+                images[i] = open_image(path, name=path)
             except UserInputError as e:
-                records[path] = {"error": f"cannot read {path}: {cli_wording(str(e))}"}
+                records[i] = {"error": f"cannot read {path}: {cli_wording(str(e))}"}
         if images:
             # A UserInputError here is about the model or a parameter, not an image: it ends the command.
-            records.update(zip(images, predict(list(images.values()))))
-        for path in paths[start:start + batch_size]:
-            record = _finite_or_error(records[path])
+            records.update(zip(images, predict(list(images.values()), [items[i][1] for i in images])))
+        for i, (path, _) in enumerate(items[start:start + batch_size], start):
+            record = _finite_or_error(records[i])
             failed |= "error" in record
             print(dumps({"image": path, **record}), flush=True)
     return 1 if failed else 0
+
+
+def _predict_items(args) -> list[tuple[str, str | None]]:
+    """(image path, its text) to predict, in order: the images given with --text, or the rows of --pairs."""
+    import csv
+
+    if not args.pairs:
+        if not args.images:
+            raise UserInputError("Give one or more image files to predict"
+                                 + (", or a --pairs CSV file of image,text rows." if
+                                    args.task == "image_text_classification" else "."))
+        return [(path, args.text) for path in args.images]
+    if args.task != "image_text_classification":
+        raise UserInputError(f"--pairs is for --task image_text_classification (this is {args.task}); give the "
+                             "images instead.")
+    if args.images or args.text:
+        raise UserInputError("Give either --pairs or images with --text, not both.")
+    pairs = Path(args.pairs)
+    if not pairs.is_file():
+        raise UserInputError(f"--pairs {pairs} was not found: give a CSV file of image,text rows.")
+    with open(pairs, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
+    if rows and [c.strip().lower() for c in rows[0]] in (["image", "text"], ["file_name", "text"]):
+        rows = rows[1:]
+    bad = [n for n, r in enumerate(rows, 1) if len(r) != 2 or not r[0].strip() or not r[1].strip()]
+    if bad or not rows:
+        where = f"row {bad[0]} has no image and text" if bad else "it has no rows"
+        raise UserInputError(f"--pairs {pairs}: {where}; each row is image,text (quote a text that holds a comma).")
+    return [(str(pairs.parent / r[0].strip()), r[1].strip()) for r in rows]
 
 
 def _predict_checkpoint(text: str, task: str) -> str | None:

@@ -279,6 +279,30 @@ def test_cli_predict_takes_the_text(trained):
     assert missing.returncode != 0 and "with --text" in missing.stdout + missing.stderr
 
 
+def test_cli_predict_takes_a_pairs_file_of_image_and_text_rows(trained, tmp_path):
+    run, _ = trained
+    examples = ROOT / "assets" / "examples"
+    pairs = tmp_path / "pairs.csv"
+    # A header, a path relative to the file, an absolute one, a text with a comma, and one image twice.
+    (tmp_path / "triangle.png").write_bytes((examples / "triangle.png").read_bytes())
+    pairs.write_text('image,text\ntriangle.png,what shape is present?\n'
+                     f'{examples / "circle.png"},"in this image, what shape is there?"\n'
+                     f'triangle.png,what shape is present?\n')
+    done = _cli("predict", "--task", TASK, "--checkpoint", run, "--pairs", pairs, "--top-k", 2, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [(r["image"], r["text"]) for r in records] == [
+        (str(tmp_path / "triangle.png"), "what shape is present?"),
+        (str(examples / "circle.png"), "in this image, what shape is there?"),
+        (str(tmp_path / "triangle.png"), "what shape is present?")]
+    assert [max(r["labels"], key=r["labels"].get) for r in records] == ["triangle", "circle", "triangle"]
+    pairs.write_text("triangle.png,\n")
+    empty = _cli("predict", "--task", TASK, "--checkpoint", run, "--pairs", pairs, timeout=300)
+    assert empty.returncode == 2 and "row 1 has no image and text" in empty.stdout + empty.stderr
+    other = _cli("predict", "--pairs", pairs, timeout=300)
+    assert other.returncode == 2 and "--pairs is for --task image_text_classification" in other.stdout + other.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # The app's API
 
