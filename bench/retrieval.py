@@ -71,7 +71,7 @@ def caption_zero_shot(run: Path) -> float:
 
 
 def example_queries(run: Path) -> None:
-    from mmdemo.search import search_images
+    from mmdemo.imagesearch import search_images
 
     dataset = next((run.parent / (run.name + "-data")).glob("datasets/*"))
     captions = _captions_by_file(dataset)
@@ -94,7 +94,7 @@ def search_latency(run: Path, n: int = 10_000, queries: int = 30) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from mmdemo.search import _cache_path, embed_query, image_embeddings, search_images
+    from mmdemo.imagesearch import _cache_path, embed_query, image_embeddings, search_images
 
     dataset = next((run.parent / (run.name + "-data")).glob("datasets/*"))
     big = run.parent / "search-10k"

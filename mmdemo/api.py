@@ -273,7 +273,7 @@ def search(workspace: Path, query: str, dataset_id: str, checkpoint: str = "", t
     """The ``top_k`` images of one of this workspace's datasets that best match a text: ``[{file_name, score}]``,
     best first; checkpoint "" = the newest finished retrieval run here (image embeddings cached on disk)."""
     from .data import find_dataset
-    from .search import check_query, search_images
+    from .imagesearch import check_query, search_images
 
     query = check_query(query)
     dataset_dir = find_dataset(workspace, dataset_id)
@@ -283,7 +283,7 @@ def search(workspace: Path, query: str, dataset_id: str, checkpoint: str = "", t
 def match_captions(workspace: Path, image, dataset_id: str, checkpoint: str = "", top_k: int = 5) -> list[dict]:
     """The captions of one of this workspace's datasets that best match an image: ``[{caption, score}]``."""
     from .data import find_dataset
-    from .search import search_captions
+    from .imagesearch import search_captions
 
     dataset_dir = find_dataset(workspace, dataset_id)
     return search_captions(image, dataset_dir, _retrieval_checkpoint(workspace, checkpoint), top_k)

@@ -66,7 +66,7 @@ def dataset_folder(data: str) -> Path:
 
 def run_search(args) -> int:
     from .data import open_image
-    from .search import search_captions, search_images
+    from .imagesearch import search_captions, search_images
 
     checkpoint = retrieval_checkpoint(args.checkpoint)
     folder = dataset_folder(args.data)

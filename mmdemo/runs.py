@@ -199,7 +199,7 @@ def report_examples(run_dir: Path, limit: int = 24) -> list[tuple]:
 def _query_examples(run_dir: Path, queries: list[dict], limit: int) -> list[tuple]:
     """A retrieval run's example queries on its held-out images: each query's top images in rank order,
     captioned with the query, the rank, the file, the cosine and whether it is a true match."""
-    from .search import images_by_name
+    from .imagesearch import images_by_name
 
     hits = [(q["query"], rank, hit) for q in queries[:REPORT_QUERIES] for rank, hit in enumerate(q["top"], 1)][:limit]
     images = images_by_name(read_config(run_dir).get("data", ""), [hit["file_name"] for _, _, hit in hits])

@@ -158,6 +158,11 @@ def test_import_mmdemo_is_light_and_its_public_names_load_on_use():
     assert set(mmdemo.__all__) >= {"ingest", "start", "status", "stop", "resume", "list_runs", "classify", "caption",
                                    "answer", "push", "export", "TrainConfig"}
     assert all(callable(getattr(mmdemo, name)) for name in mmdemo.__all__)
+    # A submodule named like a public call replaces it on the package once anything imports the submodule.
+    import pkgutil
+
+    clashes = {m.name for m in pkgutil.iter_modules(mmdemo.__path__)} & set(mmdemo.__all__)
+    assert not clashes, f"mmdemo submodules shadow public calls once imported: {clashes}"
     with pytest.raises(AttributeError):
         mmdemo.no_such_call  # noqa: B018
 

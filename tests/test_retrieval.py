@@ -163,7 +163,7 @@ def test_tiny_transformers_dual_encoder_trains_saves_loads_searches_and_classifi
     from PIL import Image
     from transformers import AutoModel, pipeline
 
-    from mmdemo.search import search_captions, search_images
+    from mmdemo.imagesearch import search_captions, search_images
     from mmdemo.zeroshot import zero_shot_batch
 
     base = tiny_hf_folder(tmp_path, kind)

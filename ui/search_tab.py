@@ -26,7 +26,7 @@ def search_datasets(wsp) -> list[tuple[str, str]]:
 @user_errors
 def on_search(browser_id, query, dataset_id, checkpoint, top_k):
     from mmdemo.data import find_dataset
-    from mmdemo.search import images_by_name
+    from mmdemo.imagesearch import images_by_name
 
     if not dataset_id:
         raise UserInputError("Pick a dataset to search first (load one on the Dataset tab).")
