@@ -23,7 +23,6 @@ FORMATS = ("pytorch", "onnx")
 QUANTIZE = ("int8", "fp16")
 ONNX_TASKS = ("classification",)
 TEXT_TASKS, TEXT_FAMILIES = ("captioning", "vqa"), ("composed",)  # deploy/text.py: encoder.onnx + decoder.onnx
-DEFAULT_TEXT_MODEL = "efficientnet_lite0+minilm"  # the composed family's base model (vlm.base, which loads torch)
 LAB_FILE = "export.json"
 DEFAULT_CALIBRATION_IMAGES = 100
 IMPORTS = "import json, numpy as np, onnxruntime as ort\nfrom PIL import Image\n"
@@ -81,10 +80,13 @@ def onnx_families() -> tuple[str, ...]:
 def check_exportable(meta: dict) -> None:
     """Refuses (UserInputError, naming what is supported) a run that is neither a classifier of a registered
     family nor a captioning / VQA run of the composed captioner."""
+    from ..taskspec import TASK_SPECS
+
     task, family = meta.get("task", "classification"), meta.get("family", "")
     supported = onnx_families()
+    offline = TASK_SPECS["captioning"].base_models[0]  # the composed captioner: the text tasks' default base model
     what = (f"ONNX export supports classification runs (families {', '.join(supported)}) and captioning / VQA runs "
-            f"of the offline composed captioner ({DEFAULT_TEXT_MODEL})")
+            f"of the offline composed captioner ({offline})")
     if task not in (*ONNX_TASKS, *TEXT_TASKS):
         raise UserInputError(f"{what}; this run is {task}: export it with --format pytorch.")
     if task in TEXT_TASKS and family not in TEXT_FAMILIES:

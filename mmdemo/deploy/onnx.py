@@ -182,11 +182,14 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray | None, *, meth
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_name(out.stem + "_prep.onnx")
-    try:
-        if not pre_process:
-            raise ValueError("not asked for")
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    except Exception:  # noqa: BLE001 - the pre-processing only helps; quantise the model as exported
+    prepared_done = False
+    if pre_process:
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            prepared_done = True
+        except Exception:  # noqa: BLE001 - the pre-processing only helps; quantise the model as exported
+            pass
+    if not prepared_done:
         prepared.write_bytes(fp32.read_bytes())
     excluded = excluded_nodes(prepared, keep_fp32)
     info = {"per_channel": per_channel, "keep_fp32": list(keep_fp32), "excluded_nodes": excluded, "pre_process": pre_process,

@@ -111,7 +111,8 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
     reference = generate_texts(model, rows, task, new_tokens)
     first, question = rows.pixels[rows.image_of[:1]], rows.questions[:1] if rows.questions else None
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    rows_out = [text_row("torch fp32", "vision/ + text/ + projection.safetensors", reference, reference, rows, weights,
+    ref = text_scores(reference, rows)  # PyTorch's own scores, the deltas' zero
+    rows_out = [text_row("torch fp32", "vision/ + text/ + projection.safetensors", reference, reference, ref, ref, rows, weights,
                          latency_ms(lambda _: model.generate(first, question, max_new_tokens=new_tokens), None,
                                     latency_runs))]
     files = {"fp32": export_text_fp32(model, out)}
@@ -127,7 +128,7 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
         try:
             encoder, decoder = session(encoder_path, threads), session(decoder_path, threads)
         except Exception as e:  # noqa: BLE001 - a file this CPU's provider cannot run: say so, keep the others
-            rows_out.append(unrunnable(text_row(name, label, reference, reference, rows, size, (0, 0)), e))
+            rows_out.append(unrunnable(text_row(name, label, reference, reference, ref, ref, rows, size, (0, 0)), e))
             continue
 
         def generate(idx, encoder=encoder, decoder=decoder):
@@ -141,7 +142,7 @@ def text_lab(model, out: Path, rows, calibration, quantize, int8_options, latenc
             idx = order[start:start + 64]
             for i, text in zip(idx, generate(idx)):
                 texts[i] = text
-        rows_out.append(text_row(name, label, texts, reference, rows, size,
+        rows_out.append(text_row(name, label, texts, reference, text_scores(texts, rows), ref, rows, size,
                                  latency_ms(lambda _: generate([0]), None, latency_runs)))
     metric = "vqa_accuracy" if task == "vqa" else "cider"
     return {"task": task, "metric": metric, "image_size": pre.image_size, "num_val": len(rows),
@@ -172,19 +173,21 @@ def write_variant(kind: str, fp32: tuple[Path, Path], paths: tuple[Path, Path], 
         untied.unlink(missing_ok=True)
 
 
-def text_row(name: str, file: str, texts: list[str], reference: list[str], rows, size_bytes: int,
-             latency: tuple[float, float]) -> dict:
-    """One row of the lab table: ``accuracy`` holds the task's main metric (VQA accuracy, CIDEr-D), the column
-    the Deploy table reads; ``agreement`` is the share of rows whose text is PyTorch's, character for character."""
+def text_scores(texts: list[str], rows) -> dict:
+    """The task's main metric (VQA accuracy, CIDEr-D) and exact match of ``texts`` against the rows' references."""
     from ..metrics import caption_metrics, vqa_metrics
 
-    def scores(preds):
-        if not preds:
-            return {}
-        found = vqa_metrics(preds, rows.references) if rows.questions else caption_metrics(preds, rows.references)
-        return {"main": found["vqa_accuracy" if rows.questions else "cider"], "exact_match": found["exact_match"]}
+    if not texts:
+        return {}
+    found = vqa_metrics(texts, rows.references) if rows.questions else caption_metrics(texts, rows.references)
+    return {"main": found["vqa_accuracy" if rows.questions else "cider"], "exact_match": found["exact_match"]}
 
-    own, ref = scores(texts), scores(reference)
+
+def text_row(name: str, file: str, texts: list[str], reference: list[str], own: dict, ref: dict, rows,
+             size_bytes: int, latency: tuple[float, float]) -> dict:
+    """One row of the lab table: ``accuracy`` holds the task's main metric (``own``: ``text_scores`` of ``texts``;
+    ``ref``: PyTorch's), the column the Deploy table reads; ``agreement`` is the share of rows whose text is
+    PyTorch's, character for character."""
     main = own.get("main")
     return {"variant": name, "file": file, "accuracy": None if main is None else round(main, 5),
             "delta_points": None if main is None else round(100 * (main - ref["main"]), 2),

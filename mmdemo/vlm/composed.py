@@ -14,8 +14,8 @@ from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 
 # Prompt tuning: learned vectors in front of the decoder's input (Lester et al. use 20 to 100 with large models).
 PROMPT_TOKENS = 20
-PROMPT_ADAPTER = "adapter"
-QUESTION_TOKENS = 48  # a VQA question's token limit, [CLS] and [SEP] included  # the model folder's subfolder that PeftModel.from_pretrained reads
+PROMPT_ADAPTER = "adapter"  # the model folder's subfolder that PeftModel.from_pretrained reads
+QUESTION_TOKENS = 48  # a VQA question's token limit, [CLS] and [SEP] included
 
 
 def minilm_path() -> str:
