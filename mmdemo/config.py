@@ -123,6 +123,14 @@ class TrainConfig:
     hflip: str = field(default="auto", metadata={
         "help": "random horizontal flips in the augmentation (auto: off for glyph-like images such as digits "
                 "or text and for images too small for random crops, on otherwise)", "choices": SWITCHES})
+    freeze_early: str = field(default="auto", metadata={
+        "help": "classification: keep a CNN's stem and its stride-2 and stride-4 stages (edge and texture filters) at "
+                "their pretrained weights, which spares their gradients (auto: on for a full fine-tune from pretrained weights)",
+        "choices": SWITCHES})
+    probe_guard: str = field(default="auto", metadata={
+        "help": "classification: also fit the pretrained network's linear probe before the first step, and end on "
+                "it where it scores higher on validation than the fine-tune (auto: on for a plain full fine-tune from "
+                "pretrained weights of up to 5,000 training images)", "choices": SWITCHES})
     lr_schedule: str = field(default="auto", metadata={
         "help": "learning-rate schedule: cosine (warm-up_ratio of the steps warming up, then cosine to 0), one-cycle "
                 "(0.3 of the steps warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "
@@ -221,9 +229,11 @@ class TrainConfig:
             p.append("gradient_accumulation_steps and lora_r must be at least 1")
         if self.contrastive_loss not in CONTRASTIVE_LOSSES:
             p.append(f"contrastive_loss must be auto, infonce or sigmoid (got {self.contrastive_loss!r})")
-        if self.recipe not in RECIPES or self.hflip not in SWITCHES or self.keep_best not in SWITCHES:
-            p.append(f"recipe must be one of {', '.join(RECIPES)}, and hflip and keep_best one of {', '.join(SWITCHES)} "
-                     f"(got {self.recipe!r}, {self.hflip!r}, {self.keep_best!r})")
+        if self.recipe not in RECIPES:
+            p.append(f"recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        for name in ("hflip", "keep_best", "freeze_early", "probe_guard"):
+            if getattr(self, name) not in SWITCHES:
+                p.append(f"{name} must be one of {', '.join(SWITCHES)} (got {getattr(self, name)!r})")
         if self.lr_schedule not in LR_SCHEDULES:
             p.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         if self.keep_old not in KEEP_OLD:

@@ -33,6 +33,17 @@ BEST_FILE = "best.safetensors"
 # random crops: with them the 64 px shapes at 128 px scored 0.967 / 1.0 on two seeds, 1.0 / 0.978 with flips
 # only and 1.0 on three seeds with neither (bench/RESULTS.md).
 CROP_MIN_SHARE = 2 / 3
+# A full fine-tune keeps the layers before the stride-8 features at their pretrained weights: the stem and the
+# stages at a reduction of at most this (generic edge and texture filters, where a CNN spends most of its
+# backward pass: their inputs are the largest). Lite0, batch 16 at 128 px, one thread: a step 0.58 -> 0.42 s.
+FREEZE_MAX_REDUCTION = 4
+# A plain full fine-tune of a small dataset also fits the pretrained network's linear probe (``fit_head``) before
+# its first step and ends on it where the probe scores higher on validation: a fine-tune that drifts from good
+# pretrained features on a few hundred images can lose to them (bench/recipes.py's faces: a seed at 0.957 where
+# the probe is perfect; its validation 0.967 against the probe's 1.0). The probe costs a forward pass over the
+# training and validation images, about a tenth of a 5-epoch run; past this many images it rarely wins.
+PROBE_MAX_TRAIN = 5000
+PROBE_FILE = "probe.safetensors"
 # Validation images from which keeping the best evaluation (rather than the last) is the automatic choice.
 # Below this, one image is more than 0.2 points and the best of several evaluations is mostly the luckiest:
 # on bench/recipes.py's 30 to 100-image validation splits the best kept scored 0.95 on validation where the
@@ -107,6 +118,28 @@ def use_hflip(setting: str, images, crops: bool = True) -> bool:
     if setting in ("on", "off"):
         return setting == "on"
     return crops and not glyph_like(images)
+
+
+def use_freeze_early(setting: str, method: str, pretrained: bool = True) -> bool:
+    """The freeze_early switch resolved for a full fine-tune (the other methods freeze more already): "on" /
+    "off" as given, "auto" on from pretrained weights (a network trained from scratch needs its stem trained)."""
+    if method != "full":
+        return False
+    if setting in ("on", "off"):
+        return setting == "on"
+    return pretrained
+
+
+def use_probe_guard(setting: str, recipe: str, method: str, pretrained: bool, num_train: int,
+                    continued: bool = False) -> bool:
+    """The probe_guard switch resolved: never for a continued run (its head knows more classes than this data) nor
+    for a network with no pretrained features; "on" / "off" as given; "auto" on for a plain full fine-tune of up
+    to PROBE_MAX_TRAIN training images."""
+    if continued or not pretrained:
+        return False
+    if setting in ("on", "off"):
+        return setting == "on"
+    return recipe == "plain" and method == "full" and num_train <= PROBE_MAX_TRAIN
 
 
 def resolve_recipe(recipe: str, method: str) -> str:
@@ -210,6 +243,37 @@ def fit_head(model, head, pixels, labels, image_size: int, forward, *, batch_siz
         loss = F.cross_entropy(logits, y).item()
     return {"head_train_accuracy": round(accuracy, 5), "head_loss": round(loss, 5),
             "head_seconds": round(time.time() - t0, 2)}
+
+
+def early_parameters(net) -> list[str]:
+    """Names of the parameters of ``net``'s stem and of its stages at a reduction of at most
+    FREEZE_MAX_REDUCTION: those that come, in the network's order, up to the last such stage where the network
+    describes its stages (timm's ``feature_info``); none for others (transformers models, a ViT's patches at 16)."""
+    info = getattr(net, "feature_info", None)
+    if not isinstance(info, list):
+        return []
+    early = [f.get("module") for f in info if isinstance(f, dict) and f.get("reduction", 1 << 30) <= FREEZE_MAX_REDUCTION]
+    if not early or not early[-1]:
+        return []
+    last, names, inside = early[-1], [], False
+    for name, _ in net.named_parameters():
+        if name == last or name.startswith(last + "."):
+            inside = True
+        elif inside:  # past the last early stage
+            return names
+        names.append(name)
+    return names if inside else []
+
+
+def freeze_early(net) -> int:
+    """Stops the gradients of ``early_parameters(net)``; returns how many parameters that holds."""
+    names = set(early_parameters(net))
+    count = 0
+    for name, p in net.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            count += p.numel()
+    return count
 
 
 def save_best(run_dir: Path, model) -> None:

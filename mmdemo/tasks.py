@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
-from .recipe import fit_head, follows_data, image_side, sample, use_crops, use_hflip
+from .recipe import (PROBE_FILE, fit_head, follows_data, freeze_early, image_side, sample, use_crops, use_freeze_early,
+                     use_hflip, use_probe_guard)
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -35,6 +36,7 @@ class ClassificationTask:
         self.classes = splits["train"].features["label"].names
         self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
+        early = freeze_early(self.model.net) if use_freeze_early(cfg.freeze_early, cfg.method, cfg.pretrained) else 0
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
         native = self.model.preprocess.image_size
         sizes = [im.size for im in images]
@@ -46,8 +48,11 @@ class ClassificationTask:
         self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images), self.crop)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
+        self.probe_guard = use_probe_guard(cfg.probe_guard, cfg.recipe, cfg.method, cfg.pretrained, len(images),
+                                           self.continued) and not cfg.teacher
         # Written to config.yaml by the loop.
-        self.resolved = {"hflip": "on" if self.hflip else "off",
+        self.resolved = {"hflip": "on" if self.hflip else "off", "freeze_early": "on" if early else "off",
+                         "probe_guard": "on" if self.probe_guard else "off",
                          "extra": {**cfg.extra, "random_crops": cfg.augment and self.crop}}
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
                                      hflip=self.hflip, images=images, crop=self.crop)
@@ -69,20 +74,71 @@ class ClassificationTask:
         # on top of the original base, so BatchNorm statistics (not part of the adapter) stay frozen.
         model.train(self.method not in ("head", "lora", *PEFT_METHODS))
 
-    def before_training(self, model) -> dict:
-        """LP-FT's first phase where the recipe has it: the new head fitted on frozen features."""
-        if self.recipe != "lp-ft" or self.continued:
-            return {}
+    @staticmethod
+    def _linear_head(model):
+        """(the classifier, its final ``nn.Linear``), the head None where it is of another shape (a continued
+        run's, a custom one) or wrapped by an adapter."""
         inner = model.module if hasattr(model, "module") else model
         try:
             head = inner.net.get_submodule(inner.head_name)
         except AttributeError:  # wrapped by an adapter
             head = None
-        if not isinstance(head, torch.nn.Linear):
-            return {}  # a head of another shape (a continued run's, a custom one) trains with the rest
+        return inner, head if isinstance(head, torch.nn.Linear) else None
+
+    def _fit_head(self, inner, head) -> dict:
         labelled = self.labelled_ds  # without the unlabelled images a distilled run may add
         return fit_head(inner, head, labelled.pixels, labelled.labels, self.image_size,
                         self._logits, batch_size=self.batch_size)
+
+    def before_training(self, model) -> dict:
+        """LP-FT's first phase where the recipe has it: the new head fitted on frozen features."""
+        if self.recipe != "lp-ft" or self.continued:
+            return {}
+        inner, head = self._linear_head(model)
+        return self._fit_head(inner, head) if head is not None else {}
+
+    def probe_candidate(self, model, loader, acc, run_dir: Path) -> dict:
+        """Where the recipe has the probe guard, before the first step: the pretrained network's linear probe
+        (its head fitted on frozen features), scored on validation and kept in ``run_dir/PROBE_FILE``; the
+        head then goes back to its initial weights. Returns the phase's figures ({} where there is none)."""
+        inner, head = self._linear_head(acc.unwrap_model(model))
+        if not self.probe_guard or head is None:
+            return {}
+        initial = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        rng = torch.get_rng_state()  # a validation pass draws the loader's seed: the run's random draws stay its own
+        fitted = self._fit_head(inner, head)
+        if fitted:
+            fitted["val_accuracy"] = self.report(model, loader, acc, 0)["accuracy"]
+            if acc.is_main_process:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                          str(Path(run_dir) / PROBE_FILE), metadata={"val_accuracy": repr(fitted["val_accuracy"])})
+        head.load_state_dict(initial)
+        torch.set_rng_state(rng)
+        acc.wait_for_everyone()
+        return fitted
+
+    def keep_probe(self, model, result: dict, run_dir: Path) -> bool:
+        """Puts the probe of ``probe_candidate`` (the pretrained network and its fitted head) in ``model`` where it
+        scored higher on validation than ``result``; whether it did."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(run_dir) / PROBE_FILE
+        inner, head = self._linear_head(model)
+        if not self.probe_guard or head is None or not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as f:
+            score = float((f.metadata() or {}).get("val_accuracy", "nan"))
+        if not score > result.get("accuracy", 1.0):
+            return False
+        from .models import build_classifier
+
+        pretrained = build_classifier(self.base_model, self.classes, True)[0]
+        inner.net.load_state_dict(pretrained.net.state_dict())
+        head.load_state_dict(load_file(str(path), device=str(head.weight.device)))
+        return True
 
     def _logits(self, model, x):
         pre = self.model.preprocess

@@ -163,6 +163,11 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
                  images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
     # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
     phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
+    # The pretrained network's linear probe, the model kept at the end where it scores higher (recipe.PROBE_FILE).
+    probe = task.probe_candidate(model, val_loader, acc, run_dir) if state["step"] == 0 and hasattr(
+        task, "probe_candidate") else {}
+    if probe:
+        writer.write(type="phase", name="probe", step=0, **probe)
 
     # On a GPU: the micro-batch that fits, measured with real steps (mmdemo/fit.py).
     fitter = fitter_for_run(acc, task, model, optimizer, cfg, total_steps, trainable, writer, run_dir)
@@ -182,12 +187,17 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         acc.wait_for_everyone()
         if load_best(run_dir, acc.unwrap_model(model), acc.device):  # the best evaluation's weights
             result = task.report(model, val_loader, acc, loop.best_step)
+    message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
+    if outcome == "completed" and hasattr(task, "keep_probe") and task.keep_probe(acc.unwrap_model(model), result, run_dir):
+        tuned = result[task.main_metric]
+        result = {**task.report(model, val_loader, acc, loop.step), "kept": "linear_probe", "finetuned_accuracy": tuned}
+        message = (f"The pretrained network's linear probe scored {result['accuracy']:.3f} on validation, the fine-tuned "
+                   f"network {tuned:.3f}: the model saved is the probe (the pretrained network with a fitted head).")
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / EVAL_FILE, result)
         writer.write(type="end", status=outcome, step=loop.step, samples_per_rank=loop.samples_per_rank,
                      peak_memory_mb=peak_memory_mb())
-        message = "Stopped by request; the model so far is saved." if outcome == "stopped" else ""
         headline = {k: result[k] for k in ("val_loss", task.main_metric, "accuracy", "exact_match",
                                            *getattr(task, "headline_metrics", ())) if k in result}
         write_status(run_dir, outcome, message=message, finished=time.time(), metrics=headline)

@@ -62,9 +62,12 @@ def test_epochs_follow_the_dataset_unless_given_and_config_records_the_recipe(tm
     lora = TrainConfig(data=str(tmp_path), output_dir="o", method="lora")
     assert (head.recipe, head.epochs, lora.epochs) == ("plain", 6, 5)
     assert TrainConfig(data="not-ingested", output_dir="o").epochs == 4  # no summary: the method's default
-    with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain, and hflip and keep_best one of "
-                                             "auto, on, off"):
+    with pytest.raises(UserInputError, match="hflip must be one of auto, on, off \\(got 'sometimes'\\)"):
         TrainConfig(data="d", output_dir="o", hflip="sometimes")
+    with pytest.raises(UserInputError, match="recipe must be one of auto, lp-ft, plain \\(got 'lpft'\\)"):
+        TrainConfig(data="d", output_dir="o", recipe="lpft")
+    with pytest.raises(UserInputError, match="probe_guard must be one of auto, on, off"):
+        TrainConfig(data="d", output_dir="o", probe_guard="yes please")
 
 
 def test_random_crops_only_for_images_with_enough_pixels_of_their_own():
@@ -121,7 +124,7 @@ def test_keep_best_only_where_the_validation_split_can_tell_the_best():
     # A config written when keep_best was a boolean still loads, as the switch it meant.
     assert TrainConfig(data="d", output_dir="o").keep_best == "auto"
     assert [TrainConfig(data="d", output_dir="o", keep_best=v).keep_best for v in (True, False)] == ["on", "off"]
-    with pytest.raises(UserInputError, match="keep_best one of auto, on, off"):
+    with pytest.raises(UserInputError, match="keep_best must be one of auto, on, off"):
         TrainConfig(data="d", output_dir="o", keep_best="best")
 
 
@@ -242,3 +245,84 @@ def test_the_best_evaluation_is_the_model_kept(tmp_path):
 
     kept, saved = load_file(run / recipe.BEST_FILE), load_classifier(run / "model").net.state_dict()
     assert sum(torch.equal(kept[f"net.{k}"], v) for k, v in saved.items() if f"net.{k}" in kept) == len(saved)
+
+
+def test_early_layers_are_the_stem_and_the_stages_up_to_stride_four():
+    import timm
+
+    from mmdemo.models import build_classifier
+
+    lite0 = build_classifier("efficientnet_lite0", ["a", "b"], pretrained=False)[0].net
+    names = recipe.early_parameters(lite0)
+    assert names[0] == "conv_stem.weight" and names[-1].startswith("blocks.1.")  # blocks.1: stride 4
+    assert not any(n.startswith(("blocks.2", "conv_head", "classifier")) for n in names)
+    resnet = recipe.early_parameters(timm.create_model("resnet18", pretrained=False, num_classes=2))
+    assert resnet[0] == "conv1.weight" and {n.split(".")[0] for n in resnet} == {"conv1", "bn1", "layer1"}
+    # A ViT's first features are at stride 16 and a network without stage information has none.
+    assert recipe.early_parameters(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2)) == []
+    assert recipe.early_parameters(torch.nn.Linear(2, 2)) == []
+    assert [recipe.use_freeze_early(s, m, p) for s, m, p in [("auto", "full", True), ("auto", "full", False),
+            ("auto", "lora", True), ("off", "full", True), ("on", "full", False)]] == [True, False, False, False, True]
+
+
+def test_a_full_fine_tune_keeps_the_early_layers_pretrained_and_resumes(glyph_dataset, tmp_path):
+    from safetensors import safe_open
+
+    from mmdemo.models import build_classifier, load_classifier
+
+    run = tmp_path / "run"
+    cfg = dict(data=glyph_dataset, output_dir=str(run), base_model="efficientnet_lite0", image_size=64, batch_size=8,
+               probe_guard="off")
+    train(TrainConfig(**cfg, max_steps=2))
+    assert yaml.safe_load((run / "config.yaml").read_text())["freeze_early"] == "on"
+    # The checkpoint holds what trains; a second call resumes from it (the frozen layers rebuilt and checked).
+    ckpt = run / (run / "latest").read_text().strip() / "model.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        assert not any(k.startswith("net.conv_stem.") for k in f.keys()) and "net.blocks.2.0.conv_pw.weight" in f.keys()
+    result = train(TrainConfig(**cfg, max_steps=3))
+    assert result["step"] == 3
+    pretrained = build_classifier("efficientnet_lite0", ["7", "r"])[0].net.state_dict()
+    tuned = load_classifier(run / "model").net.state_dict()
+    assert torch.equal(tuned["conv_stem.weight"], pretrained["conv_stem.weight"])
+    assert torch.equal(tuned["blocks.1.0.conv_pw.weight"], pretrained["blocks.1.0.conv_pw.weight"])
+    assert not torch.equal(tuned["blocks.2.0.conv_pw.weight"], pretrained["blocks.2.0.conv_pw.weight"])
+    # Asked off, everything trains.
+    off = tmp_path / "off"
+    train(TrainConfig(**{**cfg, "output_dir": str(off)}, max_steps=1, freeze_early="off"))
+    assert not torch.equal(load_classifier(off / "model").net.state_dict()["conv_stem.weight"],
+                           pretrained["conv_stem.weight"])
+
+
+def test_the_probe_is_the_model_kept_where_it_beats_the_fine_tune_on_validation(tmp_path):
+    from mmdemo.models import build_classifier, load_classifier
+
+    dataset = ingest_dataset(make_bright_dark(tmp_path / "raw"), tmp_path / "ws").path
+    pretrained = build_classifier("efficientnet_lite0", ["bright", "dark"])[0].net.state_dict()
+    # A far too large step wrecks the fine-tune; the probe on the pretrained features tells bright from dark.
+    wrecked = tmp_path / "wrecked"
+    result = train(TrainConfig(data=dataset, output_dir=str(wrecked), image_size=64, batch_size=8, epochs=1,
+                               learning_rate=1.0, warmup_ratio=0.0, lr_schedule="cosine"))
+    records = _records(wrecked)
+    probe = next(r for r in records if r.get("name") == "probe")
+    assert probe["val_accuracy"] == 1.0 and result["kept"] == "linear_probe" and result["accuracy"] == 1.0
+    assert result["finetuned_accuracy"] < 1.0 and json.loads((wrecked / "eval.json").read_text())["kept"] == "linear_probe"
+    assert "the model saved is the probe" in json.loads((wrecked / "status.json").read_text())["message"]
+    saved = load_classifier(wrecked / "model").net.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in pretrained.items() if not k.startswith("classifier."))
+    assert yaml.safe_load((wrecked / "config.yaml").read_text())["probe_guard"] == "on"
+    # Where the fine-tune is as good on validation (a tie included), it is the model kept.
+    from mmdemo.data import load_splits
+    from mmdemo.tasks import make_task
+
+    task = make_task(TrainConfig(data=dataset, output_dir=str(wrecked), image_size=64), load_splits(dataset))
+    with torch.no_grad():
+        task.model.net.blocks[3][0].conv_pw.weight.mul_(2)
+    assert not task.keep_probe(task.model, {"accuracy": 1.0}, wrecked)
+    assert not torch.equal(task.model.net.state_dict()["blocks.3.0.conv_pw.weight"], pretrained["blocks.3.0.conv_pw.weight"])
+    assert task.keep_probe(task.model, {"accuracy": 0.9}, wrecked)
+    assert all(torch.equal(task.model.net.state_dict()[k], v) for k, v in pretrained.items() if not k.startswith("classifier."))
+    # Neither a head-only run, nor a continued one, nor one with the guard off fits a probe.
+    assert [recipe.use_probe_guard(s, "plain", m, True, n, c) for s, m, n, c in [
+        ("auto", "head", 100, False), ("auto", "full", 100, True), ("off", "full", 100, False),
+        ("auto", "full", recipe.PROBE_MAX_TRAIN + 1, False), ("on", "lora", 10 ** 6, False)]] == [
+        False, False, False, False, True]
