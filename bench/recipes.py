@@ -19,7 +19,8 @@ Methods, all on EfficientNet-Lite0 with the package's ImageNet weights:
   at 128 px and at the size the engine's default picks; the better of the two is the figure.
 - ``class_mean``: nearest class mean of L2-normalised frozen features (same sizes).
 - ``naive_ft``: everything trained, AdamW 1e-3 (weight decay 0.01), one-cycle, batch 16, 5 epochs at
-  128 px, cross-entropy, no augmentation, the last epoch's weights.
+  128 px, cross-entropy, no augmentation, the last epoch's weights (``--naive-set`` turns on some of the
+  engine's settings in this loop, e.g. ``label_smoothing=0.1 freeze_early=on drop_last=on channels_last=on``).
 - ``default``: ``mmdemo.training.train(TrainConfig(data, output_dir))`` (every other field at its default),
   then the saved run_dir/model on the test split.
 
@@ -206,22 +207,39 @@ def frozen_feature_methods(data: dict, classes: list[str], size: int) -> dict:
     return {"linear_probe": (lp, round(t_feat + t_lp, 1)), "class_mean": (ncm, round(t_feat + t_ncm, 1))}
 
 
-def naive_finetune(data: dict, classes: list[str], seed: int) -> tuple[float, float]:
+# The naive loop's switches (``--naive-set``), each one of the engine's settings, to tell which of them moves a
+# figure: label smoothing, the early layers frozen (mmdemo.recipe.freeze_early), the last partial batch dropped,
+# channels-last input.
+NAIVE_SWITCHES = {"label_smoothing": 0.0, "freeze_early": False, "drop_last": False, "channels_last": False}
+
+
+def naive_finetune(data: dict, classes: list[str], seed: int, **switches) -> tuple[float, float]:
     """AdamW + one-cycle, everything trained, no augmentation or other tricks; test accuracy, seconds."""
+    from mmdemo.recipe import freeze_early
+
+    sw = {**NAIVE_SWITCHES, **switches}
     torch.manual_seed(seed)
     t0, c0 = time.time(), time.process_time()
     net = _lite0(len(classes)).net
+    if sw["freeze_early"]:
+        freeze_early(net)
     x_train, y_train = _pixels(data["train"][0], NAIVE["image_size"]), torch.as_tensor(data["train"][1])
     bs, epochs = NAIVE["batch_size"], NAIVE["epochs"]
-    steps_per_epoch = -(-len(x_train) // bs)
-    opt = torch.optim.AdamW(net.parameters(), lr=NAIVE["learning_rate"], weight_decay=NAIVE["weight_decay"])
+    steps_per_epoch = len(x_train) // bs if sw["drop_last"] and len(x_train) > bs else -(-len(x_train) // bs)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=NAIVE["learning_rate"],
+                            weight_decay=NAIVE["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, NAIVE["learning_rate"], total_steps=epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
+    if sw["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
     t1, c1 = time.time(), time.process_time()
     for _ in range(epochs):
         net.train()
-        for idx in torch.randperm(len(x_train), generator=g).split(bs):
-            loss = torch.nn.functional.cross_entropy(net(_normalised(x_train[idx])), y_train[idx])
+        for idx in torch.randperm(len(x_train), generator=g).split(bs)[:steps_per_epoch]:
+            x = _normalised(x_train[idx])
+            if sw["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = torch.nn.functional.cross_entropy(net(x), y_train[idx], label_smoothing=sw["label_smoothing"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -272,7 +290,7 @@ def engine_default(dataset_dir: str, run_dir: Path, data: dict, classes: list[st
 
 
 def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrides: dict | None = None,
-                probe_sizes: tuple = ()) -> dict:
+                probe_sizes: tuple = (), naive_switches: dict | None = None) -> dict:
     from mmdemo.data import ingest_dataset
 
     raw = workspace / name
@@ -307,10 +325,10 @@ def run_dataset(name: str, workspace: Path, seeds: list[int], skip: set, overrid
     if "naive" not in skip:
         runs = []
         for seed in seeds:
-            acc, seconds, cpu, loop = naive_finetune(data, classes, seed)
+            acc, seconds, cpu, loop = naive_finetune(data, classes, seed, **(naive_switches or {}))
             runs.append((acc, seconds, cpu))
             benchlib.emit(f"{name}_naive_ft_test_accuracy", round(acc, 4), seed=seed, seconds=seconds, cpu_seconds=cpu,
-                          **loop, **NAIVE)
+                          **loop, **NAIVE, switches={**NAIVE_SWITCHES, **(naive_switches or {})})
         row["naive_ft"] = _mean_of(runs)
     return row
 
@@ -330,8 +348,17 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", default="", help="keep the datasets and runs in this folder")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="candidate changes to the default (TrainConfig fields), echoed in every line")
+    parser.add_argument("--naive-set", nargs="*", default=[], metavar="SWITCH=VALUE",
+                        help=f"the naive loop with some of the engine's settings: {', '.join(NAIVE_SWITCHES)} "
+                             "(label_smoothing a number, the others on / off)")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
+    naive_switches = {}
+    for item in args.naive_set:
+        key, value = item.split("=", 1)
+        if key not in NAIVE_SWITCHES:
+            parser.error(f"--naive-set: {key} is not one of {', '.join(NAIVE_SWITCHES)}")
+        naive_switches[key] = float(value) if key == "label_smoothing" else value == "on"
 
     import datasets
 
@@ -343,7 +370,8 @@ def main(argv=None) -> int:
     table = {}
     try:
         for name in names:
-            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides, tuple(args.probe_sizes))
+            table[name] = run_dataset(name, workspace, args.seeds, set(args.skip), overrides, tuple(args.probe_sizes),
+                                      naive_switches)
     finally:
         if not args.keep:
             shutil.rmtree(workspace, ignore_errors=True)
