@@ -131,11 +131,11 @@ def use_freeze_early(setting: str, method: str, pretrained: bool = True) -> bool
 
 
 def use_probe_guard(setting: str, recipe: str, method: str, pretrained: bool, num_train: int,
-                    continued: bool = False) -> bool:
-    """The probe_guard switch resolved: never for a continued run (its head knows more classes than this data) nor
-    for a network with no pretrained features; "on" / "off" as given; "auto" on for a plain full fine-tune of up
-    to PROBE_MAX_TRAIN training images."""
-    if continued or not pretrained:
+                    continued: bool = False, distilled: bool = False) -> bool:
+    """The probe_guard switch resolved: never for a continued run (its head knows more classes than this data), a
+    distilled one (the teacher's knowledge is what it is for) nor a network with no pretrained features; "on" /
+    "off" as given; "auto" on for a plain full fine-tune of up to PROBE_MAX_TRAIN training images."""
+    if continued or distilled or not pretrained:
         return False
     if setting in ("on", "off"):
         return setting == "on"

@@ -49,7 +49,7 @@ class ClassificationTask:
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
         self.probe_guard = use_probe_guard(cfg.probe_guard, cfg.recipe, cfg.method, cfg.pretrained, len(images),
-                                           self.continued) and not cfg.teacher
+                                           self.continued, bool(cfg.teacher))
         # Written to config.yaml by the loop.
         self.resolved = {"hflip": "on" if self.hflip else "off", "freeze_early": "on" if early else "off",
                          "probe_guard": "on" if self.probe_guard else "off",

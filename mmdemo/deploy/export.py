@@ -40,7 +40,7 @@ print(meta["id2label"][str(int(logits.argmax()))])
 '''
 EXAMPLE_QUESTION = "what color is the shape?"
 TEXT_SNIPPET = IMPORTS + "from tokenizers import Tokenizer\n" + PREPROCESS + '''tok = Tokenizer.from_file("text/tokenizer.json")
-tok.enable_truncation(48)
+tok.enable_truncation({question_tokens})
 question = {question}
 ids = tok.encode(question).ids if question else [tok.token_to_id("[CLS]")]  # VQA: the question; captions: [CLS]
 memory = ort.InferenceSession("encoder.onnx").run(None, {{"pixel_values": x}})[0]
@@ -266,13 +266,15 @@ def card_section(lab: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- ⚠️ {w}" for w in lab["warnings"]] + (["" ] if lab["warnings"] else [])
     if text:
+        from ..vlm.composed import QUESTION_TOKENS
+
         question = repr(EXAMPLE_QUESTION) if lab["task"] == "vqa" else "None"
         lines += ["Run it with numpy, Pillow, onnxruntime and tokenizers only (`pip install onnxruntime pillow numpy "
                   "tokenizers`): `encoder.onnx` turns `pixel_values` (N x 3 x S x S, float32) into `memory`; "
                   "`decoder.onnx` takes `input_ids` (N x T, int64) and `memory` and returns the next token's "
                   "`logits` (N x vocabulary). There is no KV cache: each step runs the whole sequence, cheap for "
                   "answers and captions this short.", "", "```python",
-                  TEXT_SNIPPET.format(question=question).rstrip(), "```", ""]
+                  TEXT_SNIPPET.format(question=question, question_tokens=QUESTION_TOKENS).rstrip(), "```", ""]
     else:
         lines += ["Run it with numpy, Pillow and onnxruntime only (`pip install onnxruntime pillow numpy`); the "
                   "input is `pixel_values` (N x 3 x S x S, float32), the output `logits`:", "", "```python",
