@@ -62,16 +62,16 @@ def dataset_previews(workspace: Path, dataset_id: str) -> dict:
 
 
 def training_plan(workspace: Path, dataset_id: str) -> dict:
-    """What a run on this dataset gets by default: ``{"task", "cpu_seconds"}``, the seconds being a rough
-    duration of the default recipe on a 2-core CPU, or None where a GPU is visible."""
+    """What a run on this dataset gets by default: ``{"task", "method", "cpu_seconds"}``, the method the defaults
+    pick for this data (VQA: the closed-answer classifier where the answers form a closed list) and the seconds a
+    rough duration of the default recipe on a 2-core CPU, or None where a GPU is visible."""
     from .config import TrainConfig
     from .data import find_dataset, load_summary
 
     summary = load_summary(find_dataset(workspace, dataset_id))
-    seconds = None
-    if not jobs.has_gpu():
-        seconds = jobs.estimate_cpu_seconds(summary, TrainConfig(data=summary.path, output_dir="-", task=summary.task))
-    return {"task": summary.task, "cpu_seconds": seconds}
+    cfg = TrainConfig(data=summary.path, output_dir="-", task=summary.task)
+    seconds = None if jobs.has_gpu() else jobs.estimate_cpu_seconds(summary, cfg)
+    return {"task": summary.task, "method": cfg.method, "cpu_seconds": seconds}
 
 
 def dataset_baselines(workspace: Path, dataset_id: str) -> dict:

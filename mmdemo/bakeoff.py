@@ -32,6 +32,10 @@ def _build(task: str, base_model: str, labels: list[str], method: str, lora_r: i
 
         clf, _ = build_classifier(base_model, labels, pretrained=False)
         return apply_method(clf, method, lora_r, lora_alpha)
+    if task == "vqa" and method == "answer_head":  # a classifier over the answers (the summary's most frequent)
+        from .vlm.answers import build_answer_model
+
+        return build_answer_model(base_model, labels or ["yes", "no"], 0, False)
     if task in ("captioning", "vqa"):
         from .vlm import apply_text_method, build_image_text_model
 

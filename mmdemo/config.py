@@ -11,7 +11,8 @@ import yaml
 
 from .checks import as_bool, as_float, as_int, shown
 from .errors import UserInputError
-from .recipe import LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, follows_data, resolve_recipe
+from .recipe import (LP_FT_LEARNING_RATE, RECIPES, SWITCHES, epochs_for_dataset, follows_data, resolve_recipe,
+                     vqa_method)
 from .taskspec import TASK_SPECS
 from .tracking import project_problem
 
@@ -166,6 +167,8 @@ class TrainConfig:
             raise UserInputError("; ".join(problems))
         # Frozen dataclass: fill the defaults once, so config.yaml holds the resolved values.
         set_ = object.__setattr__
+        if not self.method and self.task == "vqa":  # a closed list of answers: the answer classifier
+            set_(self, "method", vqa_method(self.data, self.base_model))
         if not self.method:
             set_(self, "method", TASK_METHODS[self.task][0])
         defaults = TASK_SPECS[self.task].method_defaults[self.method]

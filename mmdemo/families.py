@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib
 
 # The modules that define families, imported on first lookup; within a kind, earlier families are tried first.
-FAMILY_MODULES = ("mmdemo.models", "mmdemo.vlm.composed", "mmdemo.vlm.hf", "mmdemo.fusion", "mmdemo.dualenc",
-                  "mmdemo.dualhf")
+FAMILY_MODULES = ("mmdemo.models", "mmdemo.vlm.composed", "mmdemo.vlm.hf", "mmdemo.vlm.answers", "mmdemo.fusion",
+                  "mmdemo.dualenc", "mmdemo.dualhf")
 
 _FAMILIES: dict[str, type] = {}
 

@@ -372,10 +372,12 @@ def _short(base_model: str) -> str:
 # a method other than the task's default.
 CPU_COST = {"classification": (0.06, 0.02), "captioning": (0.012, 0.02), "vqa": (0.012, 0.006),
             "image_text_classification": (0.0007, 0.0008), "retrieval": (0.0005, 0.0003),
-            ("retrieval", "locked_image"): (0.027, 0.024)}  # measured with two threads (Dec 3, 07:29)
+            ("retrieval", "locked_image"): (0.027, 0.024),  # measured with two threads (Dec 3, 07:29)
+            ("vqa", "answer_head"): (0.0007, 0.0003)}
 # Seconds per row (training + validation) spent once before the first step: the child's start, the model
 # and the frozen encoders' outputs computed over every row (bench/task_cost.py's setup phase).
-ONCE_COST = {"image_text_classification": 0.032, "retrieval": 0.040, ("retrieval", "locked_image"): 0.056}
+ONCE_COST = {"image_text_classification": 0.032, "retrieval": 0.040, ("retrieval", "locked_image"): 0.056,
+             ("vqa", "answer_head"): 0.002}
 # Tasks that evaluate after every epoch; the others about 10 times per run (the tasks' max_evals).
 EVAL_EVERY_EPOCH = {"classification", "image_text_classification"}
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
-from .recipe import (PROBE_FILE, fit_head, follows_data, freeze_early, image_side, sample, use_crops, use_freeze_early,
-                     use_hflip, use_probe_guard)
+from .recipe import (ANSWER_METHOD, PROBE_FILE, fit_head, follows_data, freeze_early, image_side, sample, use_crops,
+                     use_freeze_early, use_hflip, use_probe_guard)
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -293,8 +293,14 @@ class TextTask:
 
         self.task = cfg.task
         self.main_metric = "vqa_accuracy" if cfg.task == "vqa" else "cider"
-        self.model = build_image_text_model(cfg.task, cfg.base_model, cfg.image_size, cfg.pretrained)
-        apply_text_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
+        if cfg.method == ANSWER_METHOD:  # closed-answer VQA: a classifier over the training answers
+            from .vlm.answers import answer_vocabulary, build_answer_model
+
+            self.model = build_answer_model(cfg.base_model, answer_vocabulary(splits["train"]["answers"]),
+                                            cfg.image_size, cfg.pretrained)
+        else:
+            self.model = build_image_text_model(cfg.task, cfg.base_model, cfg.image_size, cfg.pretrained)
+            apply_text_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
         self.image_size = cfg.image_size or self.model.preprocess.image_size
         self.model.preprocess.image_size = self.image_size
         self.max_new_tokens = MAX_NEW_TOKENS[cfg.task]

@@ -113,10 +113,16 @@ register_task(TaskSpec("captioning", frozenset({"captions"}), tab="Caption",
                        base_models=("efficientnet_lite0+minilm", "Salesforce/blip-image-captioning-base",
                                     "microsoft/git-base"), hub_tag="image-captioning",
                        hub_example="Salesforce/blip-image-captioning-base", title="Image Captioning", **_TEXT))
+# VQA also has answer_head (mmdemo/vlm/answers.py): a classifier over the training answers on frozen fused
+# encoders, the default where the answers form a closed list (recipe.vqa_method); its head trains on encoder
+# outputs computed once, so its epochs are cheap (0: the text rule's 400 steps).
+_VQA = {**_TEXT, "methods": (*_TEXT["methods"], "answer_head"),
+        "method_defaults": {**_TEXT_METHOD_DEFAULTS,
+                            "answer_head": {"learning_rate": 2e-3, "epochs": 0, "batch_size": 32}}}
 register_task(TaskSpec("vqa", frozenset({"question", "answers"}), tab="Ask",
                        base_models=("efficientnet_lite0+minilm", "Salesforce/blip-vqa-base",
                                     "HuggingFaceTB/SmolVLM-256M-Instruct"), hub_tag="visual-question-answering",
-                       hub_example="Salesforce/blip-vqa-base", title="Visual Question Answering", **_TEXT))
+                       hub_example="Salesforce/blip-vqa-base", title="Visual Question Answering", **_VQA))
 # Frozen encoders: the head trains on features computed once, so many cheap epochs (12: on the sample the
 # 20-epoch curve passed 0.97 after about 8, and 12 end at 0.98 to 0.99); full and LoRA run both encoders in
 # every step (bench/image_text.py, bench/RESULTS.md). The Hub has no image + text classification pipeline: the

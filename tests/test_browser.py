@@ -235,3 +235,40 @@ def test_the_classify_text_box_and_the_contrastive_loss_follow_the_task(app_url,
         expect(page.locator("#search-captions")).to_contain_text("circle", timeout=60_000)
         expect(page.get_by_test_id("toast-text")).to_have_count(0)
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_a_closed_answer_vqa_run_from_upload_to_the_ask_tab(app_url, tmp_path):
+    """A VQA dataset whose answers form a closed list: the Train tab proposes answer_head, the run trains, and
+    the Ask tab (which selects it) shows the answers it picks from instead of the generation settings."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    vqa = _tiny_zip(tmp_path / "vqa.zip", lambda f, c: [{"file_name": f, "question": "what color is it?", "answer": c},
+                                                        {"file_name": f, "question": "what shape is it?",
+                                                         "answer": "circle"}])
+    errors = []
+    with app_page(app_url, errors) as page:
+        page.get_by_role("radio", name="vqa", exact=True).check()
+        page.locator("input[type=file]").first.set_input_files(str(vqa))
+        page.get_by_role("button", name="Load dataset").click()
+        expect(page.locator("#dataset-summary")).to_contain_text("vqa", timeout=60_000)
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#dataset-choice input")).to_have_value(re.compile("vqa"), timeout=30_000)
+        expect(page.get_by_role("radio", name="answer_head", exact=True)).to_be_checked(timeout=10_000)
+        page.get_by_label("Epochs (0 = default)").fill("3")
+        page.locator("#start-training").click()
+        expect(page.locator("#run-choice input")).to_have_value(re.compile("answer_head"), timeout=30_000)
+        expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
+
+        page.get_by_role("tab", name="Ask (VQA)").click()
+        expect(page.locator("#vqa-checkpoint input")).to_have_value(re.compile("answer_head"), timeout=30_000)
+        info = page.locator("#vqa-answers")
+        expect(info).to_contain_text("picks one of the 4 answers", timeout=10_000)
+        expect(info).to_contain_text("circle")
+        expect(page.get_by_label("Max new tokens")).to_be_hidden()
+        page.locator("img[src*='circle.png']:visible").first.click()
+        page.locator("#vqa-question textarea").fill("what shape is it?")
+        page.locator("#vqa-button").click()
+        expect(page.locator("#vqa-output textarea")).to_have_value(re.compile("^(red|blue|green|circle)$"),
+                                                                     timeout=60_000)
+        expect(page.get_by_test_id("toast-text")).to_have_count(0)
+    assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -115,7 +115,8 @@ def test_continued_vqa_run_replays_the_memory_and_reports_forgetting(tmp_path):
     old = write_text_dataset(tmp_path / "old", "vqa", "color")
     new = write_text_dataset(tmp_path / "new", "vqa", "shape")
     run_a, run_b = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
-    train(TrainConfig(task="vqa", data=old, output_dir=str(run_a), max_steps=3, learning_rate=1e-3, **COMMON))
+    train(TrainConfig(task="vqa", data=old, output_dir=str(run_a), method="frozen_vision", max_steps=3,
+                      learning_rate=1e-3, **COMMON))
     assert len(load_memory(run_a)) == 8  # every training row (under the bound)
 
     cfg = TrainConfig(task="vqa", data=new, output_dir=str(run_b), base_model=str(run_a), max_steps=3, **COMMON)
@@ -198,7 +199,7 @@ def test_prompt_tuning_trains_only_the_prompts_and_saves_a_peft_adapter(tmp_path
 
     data = write_text_dataset(tmp_path / "data", "vqa", "color")
     run_a, run_b = tmp_path / ("a" * 32), tmp_path / ("b" * 32)
-    train(TrainConfig(task="vqa", data=data, output_dir=str(run_a), max_steps=2, **COMMON))
+    train(TrainConfig(task="vqa", data=data, output_dir=str(run_a), method="frozen_vision", max_steps=2, **COMMON))
     hidden = 384  # MiniLM-L6's width
     plan = method_plan("vqa", str(run_a), [], "prompt_tuning")
     assert plan["trainable_params"] == PROMPT_TOKENS * hidden

@@ -34,7 +34,8 @@ def vqa_run(tmp_path_factory):
     run = root / "ws" / "runs" / RUN_ID  # a run of workspace ws, as the app's job manager lays it out
     # One step at a tiny learning rate: the fresh decoder's own words (a few steps teach it to stop at once, and
     # empty answers would agree whatever the graphs computed).
-    train(TrainConfig(task="vqa", data=data, output_dir=str(run), max_steps=1, learning_rate=1e-7, **COMMON))
+    train(TrainConfig(task="vqa", data=data, output_dir=str(run), method="frozen_vision", max_steps=1,
+                      learning_rate=1e-7, **COMMON))
     return run
 
 

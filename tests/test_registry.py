@@ -29,14 +29,16 @@ def test_registries_list_the_tasks_and_families():
     # Resolution order: the offline Lite bases before timm (which knows their names too), transformers last.
     assert list(families("classifier")) == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "timm",
                                             "transformers"]
-    # BLIP and GIT before the chat family, whose model_types include theirs.
-    assert list(families("image-text")) == ["composed", "blip", "git", "vlm"]
+    # BLIP and GIT before the chat family, whose model_types include theirs; the closed-answer VQA classifier
+    # matches no name (the answer_head method builds it).
+    assert list(families("image-text")) == ["composed", "blip", "git", "answer-head", "vlm"]
+    assert not any(get_family("answer-head").matches(name) for name in ("efficientnet_lite0+minilm", "answer-head"))
     assert list(families("image-text-classifier")) == ["fused"]
     assert list(families("dual-encoder")) == ["lit", "clip"]
     assert {name: get_family(name).peft_attr for name in families("image-text")} == {
-        "composed": "decoder", "blip": "net", "git": "net", "vlm": "net"}
+        "composed": "decoder", "blip": "net", "git": "net", "answer-head": "net", "vlm": "net"}
     assert LORA_TARGETS == {"composed": ["query", "value"], "blip": ["query", "value", "qkv"],
-                            "git": ["query", "value"], "vlm": ["q_proj", "v_proj"]}
+                            "git": ["query", "value"], "answer-head": [], "vlm": ["q_proj", "v_proj"]}
 
 
 def test_task_specs_import_without_torch():
@@ -50,10 +52,11 @@ def test_task_specs_give_the_config_and_card_tables():
     peft = ("dora", "ia3", "loha", "lokr", "oft", "adapter", "vpt")
     assert config.TASK_METHODS == {"classification": ("full", "head", "lora", "bitfit", *peft),
                                    "captioning": ("frozen_vision", "full", "lora", "prompt_tuning"),
-                                   "vqa": ("frozen_vision", "full", "lora", "prompt_tuning"), itc: ("frozen_encoders", "full", "lora"),
+                                   "vqa": ("frozen_vision", "full", "lora", "prompt_tuning", "answer_head"),
+                                   itc: ("frozen_encoders", "full", "lora"),
                                    rt: ("frozen_towers", "locked_image", "full", "lora")}
     assert config.METHODS == ("full", "head", "lora", "bitfit", *peft, "frozen_vision", "prompt_tuning",
-                              "frozen_encoders", "frozen_towers", "locked_image")
+                              "answer_head", "frozen_encoders", "frozen_towers", "locked_image")
     assert config.DEFAULT_MODELS == {"classification": "efficientnet_lite0", "captioning": "efficientnet_lite0+minilm",
                                      "vqa": "efficientnet_lite0+minilm", itc: "efficientnet_lite0+minilm",
                                      rt: "efficientnet_lite0+minilm"}

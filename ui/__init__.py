@@ -18,7 +18,7 @@ from .compare_tab import build_compare_tab
 from .common import TASKS, browser_workspace, user_errors
 from .dataset_tab import build_dataset_tab, dataset_choices, on_load_dataset, on_sample
 from .predict_tabs import (IMAGE_TEXT, build_classify_tab, build_text_tab, on_answer, on_caption, on_classify,
-                           on_pick_checkpoint)
+                           on_pick_checkpoint, on_pick_vqa_checkpoint)
 from .search_tab import build_search_tab, build_zero_shot_section
 from .train_tab import build_train_tab, on_pick_dataset, on_resume, on_start, on_stop, on_tick, run_choices
 
@@ -103,8 +103,9 @@ def build_demo() -> gr.Blocks:
          gpu_notice) = build_train_tab(browser_id)
         checkpoint, image, classify_text, labels, classify_button = build_classify_tab(
             lambda tab_image: build_zero_shot_section(browser_id, tab_image))
-        cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button = build_text_tab("Caption", "captioning", False)
-        vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button = build_text_tab("Ask (VQA)", "vqa", True)
+        cap_ckpt, cap_image, _, cap_out, cap_max, cap_beams, cap_button, _ = build_text_tab("Caption", "captioning", False)
+        vqa_ckpt, vqa_image, question, vqa_out, vqa_max, vqa_beams, vqa_button, vqa_info = build_text_tab(
+            "Ask (VQA)", "vqa", True)
         search_ckpt = build_search_tab(browser_id)
         build_compare_tab(browser_id)
         private = {"api_visibility": "private"}
@@ -129,6 +130,7 @@ def build_demo() -> gr.Blocks:
         gr.Timer(3.0).tick(on_refresh_choices, browser_id, choices, concurrency_limit=None, show_progress="hidden",
                            **private)
         checkpoint.change(on_pick_checkpoint, [browser_id, checkpoint], classify_text, **private)
+        vqa_ckpt.change(on_pick_vqa_checkpoint, [browser_id, vqa_ckpt], [vqa_info, vqa_max, vqa_beams], **private)
         classify_button.click(on_classify, [browser_id, image, checkpoint, classify_text], labels, **private)
         cap_button.click(on_caption, [browser_id, cap_image, cap_ckpt, cap_max, cap_beams], cap_out, **private)
         vqa_button.click(on_answer, [browser_id, vqa_image, question, vqa_ckpt, vqa_max, vqa_beams], vqa_out, **private)

@@ -39,6 +39,38 @@ def on_pick_checkpoint(browser_id, checkpoint):
     return gr.update(visible=needs_text(browser_workspace(browser_id), checkpoint or ""))
 
 
+def closed_answers_of(wsp, checkpoint: str) -> list[str] | None:
+    """The answers a closed-answer VQA run (method answer_head) picks from; None for any other checkpoint (a run
+    that generates its answers, a Hub id, the default)."""
+    import json
+
+    try:
+        run_dir = runs.find_run(wsp, checkpoint) if checkpoint else None
+    except UserInputError:  # a Hub id (or a typo, which Ask then names)
+        return None
+    meta_file = run_dir / runs.MODEL_DIR / runs.META_FILE if run_dir else None
+    if meta_file is None or not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("family") != "answer-head":
+        return None
+    return [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+
+
+@user_errors
+def on_pick_vqa_checkpoint(browser_id, checkpoint):
+    """A closed-answer run: the answers it knows shown, the generation settings (which do not apply) hidden."""
+    if not browser_id:
+        return gr.skip(), gr.skip(), gr.skip()
+    answers = closed_answers_of(browser_workspace(browser_id), checkpoint or "")
+    if answers is None:
+        return gr.update(value="", visible=False), gr.update(visible=True), gr.update(visible=True)
+    shown = ", ".join(answers[:30]) + (f" and {len(answers) - 30} more" if len(answers) > 30 else "")
+    info = (f"This run picks one of the {len(answers)} answers of its training questions (closed answers): "
+            f"{shown}.")
+    return gr.update(value=info, visible=True), gr.update(visible=False), gr.update(visible=False)
+
+
 @user_errors
 def on_caption(browser_id, image, checkpoint, max_new_tokens, beams):
     if image is None:
@@ -80,9 +112,11 @@ def build_text_tab(name: str, task: str, with_question: bool):
                 question = gr.Textbox(label="Question", placeholder="what color is the shape?",
                                       elem_id="vqa-question") if with_question else None
                 output = gr.Textbox(label="Answer" if with_question else "Caption", elem_id=f"{task}-output")
+                # Shown for a closed-answer run (on_pick_vqa_checkpoint): the answers it picks from.
+                info = gr.Markdown("", visible=False, elem_id=f"{task}-answers") if with_question else None
                 with gr.Row():
                     max_new = gr.Slider(1, 60, value=10 if with_question else 30, step=1, label="Max new tokens")
                     beams = gr.Slider(1, 5, value=1, step=1, label="Beams (1 = greedy)")
                 button = gr.Button("Ask" if with_question else "Caption", variant="primary", elem_id=f"{task}-button")
         gr.Examples(SHAPE_EXAMPLES + [e for e in EXAMPLES if e not in SHAPE_EXAMPLES], inputs=image)
-    return checkpoint, image, question, output, max_new, beams, button
+    return checkpoint, image, question, output, max_new, beams, button, info

@@ -42,7 +42,7 @@ def on_pick_dataset(browser_id, dataset_id):
                   "For long jobs use GPU hardware (on a Hugging Face Space: Settings → Hardware, a dedicated GPU; "
                   "ZeroGPU only serves inference).")
     return (gr.update(choices=BASE_MODELS[task], value=BASE_MODELS[task][0]),
-            gr.update(choices=METHODS[task], value=advised or METHODS[task][0]), notice,
+            gr.update(choices=METHODS[task], value=advised or plan["method"]), notice,
             gr.update(visible=task == "retrieval"))
 
 

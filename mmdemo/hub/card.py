@@ -25,10 +25,17 @@ TEXT_METRICS = {"captioning": {"bleu4": ("bleu", "BLEU-4"), "rouge_l": ("rouge",
                 "vqa": {"vqa_accuracy": ("accuracy", "VQA accuracy"), "exact_match": ("exact_match", "exact match")}}
 # The composed family is two ecosystem models plus a projection: no single library loads it.
 LIBRARIES = {"composed": "mmdemo", "fused": "mmdemo", "blip": "transformers", "git": "transformers",
-             "vlm": "transformers", "lit": "mmdemo", "clip": "transformers"}
-FAMILY_NAMES = {"blip": "BLIP", "git": "GIT", "vlm": "chat VLM"}
+             "vlm": "transformers", "lit": "mmdemo", "clip": "transformers", "answer-head": "mmdemo"}
+FAMILY_NAMES = {"blip": "BLIP", "git": "GIT", "vlm": "chat VLM",
+                "answer-head": "a classifier over the answers of its training questions"}
 CHAT_CAPTION_PROMPT = "Describe this image in a few words."  # vlm.hf.ChatImageText._prompt's, for captioning
 MAX_EXAMPLES = 10
+# The fused heads (mmdemo/fusion.py's FUSION_HEADS), as the cards of image + text classifiers and closed-answer VQA
+# runs describe them.
+FUSIONS = {"late": "late fusion: the pooled image feature and the mean-pooled text embedding, each projected to 256, "
+                   "concatenated with their product, then an MLP",
+           "cross": "cross-attention: the text tokens attend to the image feature map's cells (one attention block), "
+                    "then the pooled text and image go through an MLP"}
 
 
 def build_model_card(run_dir, repo_id: str | None = None, merged: bool = False):
@@ -129,7 +136,8 @@ def _license(model_dir: Path, family: str) -> str:
     # timm configs carry their weights' licence (the composed family's encoder is a timm folder);
     # otherwise the base model's own card decides: "other".
     config = {"timm": model_dir / "config.json", "composed": model_dir / "vision/config.json",
-              "fused": model_dir / "vision/config.json", "lit": model_dir / "vision/config.json"}.get(family)
+              "fused": model_dir / "vision/config.json", "lit": model_dir / "vision/config.json",
+              "answer-head": model_dir / "vision/config.json"}.get(family)
     return (read_json(config).get("pretrained_cfg", {}) if config else {}).get("license") or "other"
 
 
@@ -241,6 +249,8 @@ def _text_usage(repo: str, family: str, task: str, meta: dict, adapter: bool) ->
     question = "what color is it?"
     if family == "composed":
         return lines + _composed_usage(repo, task, meta)
+    if family == "answer-head":
+        return lines + _answer_head_usage(repo, meta)
     if family == "blip" and task == "vqa":
         lines += ["```python", "from PIL import Image",
                   "from transformers import BlipForQuestionAnswering, BlipProcessor", "",
@@ -302,6 +312,28 @@ def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
         f"[0, 1] and normalised with mean {mean} and std {std}. Sequences: {layout}.", ""]
 
 
+def _answer_head_usage(repo: str, meta: dict) -> list[str]:
+    answers = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
+    shown = ", ".join(f"`{a}`" for a in answers[:20]) + (f" and {len(answers) - 20} more" if len(answers) > 20 else "")
+    pre = meta.get("preprocess", {})
+    size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
+    return [
+        f"It answers with one of the {len(answers)} answers of its training questions: {shown}. A question whose "
+        "answer is not among them gets the closest of these.", "",
+        "No single library class loads this model: it is two ecosystem models and a fusion head over the question "
+        "and the image. With mmdemo (the `mmdemo/` package of the app that trained it, on the Python path):", "",
+        "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
+        "from mmdemo.inference import answer", "",
+        f'folder = snapshot_download("{repo}")', 'print(answer(Image.open("image.jpg"), "what color is it?", folder))',
+        "```", "", "Its parts load with their own libraries:", "", *_fused_parts(meta),
+        f"- `fusion.safetensors`: the fusion head ({FUSIONS.get(meta.get('fusion'), '')}; the text is the question, "
+        f"the outputs are the answers), `FUSION_HEADS[\"{meta.get('fusion', 'late')}\"]` in `mmdemo/fusion.py`;",
+        "- `mmdemo.json`: the answers (`id2label`), the task and the preprocessing.", "",
+        f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
+        f"[0, 1] and normalised with mean {mean} and std {std}. Questions: tokenised to at most "
+        f"{meta.get('text_max_length', 64)} tokens.", ""]
+
+
 def _fused_parts(meta: dict) -> list[str]:
     if meta.get("base_model", "").startswith("efficientnet_lite0+minilm"):
         return ["- `vision/`: the image encoder, a timm folder (`tf_efficientnet_lite0`, no classifier);",
@@ -327,10 +359,7 @@ def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
         lines += [f"| {label} | {ablation[key]:.4f} |" for key, label in
                   (("both", "image + text"), ("image_only", "image only"), ("text_only", "text only"),
                    ("majority_class", "the most frequent label (no model)")) if key in ablation] + [""]
-    fusion = {"late": "late fusion: the pooled image feature and the mean-pooled text embedding, each projected "
-                      "to 256, concatenated with their product, then an MLP",
-              "cross": "cross-attention: the text tokens attend to the image feature map's cells (one attention "
-                       "block), then the pooled text and image go through an MLP"}.get(meta.get("fusion"), "")
+    fusion = FUSIONS.get(meta.get("fusion"), "")
     return lines + [
         "## Use it", "",
         "No single library class loads this model: it is two ecosystem models and a fusion head. With mmdemo "

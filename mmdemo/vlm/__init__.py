@@ -61,6 +61,9 @@ def apply_text_method(model: ImageTextModel, method: str, lora_r: int = 8, lora_
     """``full``: everything trains; ``frozen_vision``: all but the image encoder; ``lora``: adapters
     on the attention projections plus the new parts in full; ``prompt_tuning``: peft's learned virtual
     tokens before the text decoder's input, nothing else (a decoder that already reads images only)."""
+    if model.family == "answer-head":
+        raise UserInputError("This is a closed-answer VQA run (a classifier over its training answers): continue it "
+                             f"with method answer_head, or train {method} from {DEFAULT_TEXT_MODEL}.")
     if method == "prompt_tuning":
         return apply_prompt_tuning(model)
     model.requires_grad_(True)
