@@ -126,7 +126,8 @@ class TrainConfig:
                 "or text and for images too small for random crops, on otherwise)", "choices": SWITCHES})
     freeze_early: str = field(default="auto", metadata={
         "help": "classification: keep a CNN's stem and its stride-2 and stride-4 stages (edge and texture filters) at "
-                "their pretrained weights, which spares their gradients (auto: on for a full fine-tune from pretrained weights)",
+                "their pretrained weights, which spares their gradients (auto: on for a full fine-tune from pretrained "
+                "weights, off for glyph-like images such as digits or text)",
         "choices": SWITCHES})
     probe_guard: str = field(default="auto", metadata={
         "help": "classification: also fit the pretrained network's linear probe before the first step, and end on "

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
-from .recipe import (ANSWER_METHOD, PROBE_FILE, fit_head, follows_data, freeze_early, image_side, sample, use_crops,
-                     use_freeze_early, use_hflip, use_probe_guard)
+from .recipe import (ANSWER_METHOD, PROBE_FILE, fit_head, follows_data, freeze_early, glyph_like, image_side, sample,
+                     use_crops, use_freeze_early, use_hflip, use_probe_guard)
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -36,8 +36,10 @@ class ClassificationTask:
         self.classes = splits["train"].features["label"].names
         self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
-        early = freeze_early(self.model.net) if use_freeze_early(cfg.freeze_early, cfg.method, cfg.pretrained) else 0
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
+        glyphs = cfg.freeze_early == "auto" and cfg.method == "full" and glyph_like(sample(images))
+        early = freeze_early(self.model.net) if use_freeze_early(cfg.freeze_early, cfg.method, cfg.pretrained,
+                                                                 glyphs) else 0
         native = self.model.preprocess.image_size
         sizes = [im.size for im in images]
         self.image_size = cfg.image_size or (image_side(sizes, native) if follows_data(cfg.recipe, cfg.method)

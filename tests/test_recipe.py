@@ -263,6 +263,8 @@ def test_early_layers_are_the_stem_and_the_stages_up_to_stride_four():
     assert recipe.early_parameters(torch.nn.Linear(2, 2)) == []
     assert [recipe.use_freeze_early(s, m, p) for s, m, p in [("auto", "full", True), ("auto", "full", False),
             ("auto", "lora", True), ("off", "full", True), ("on", "full", False)]] == [True, False, False, False, True]
+    # Glyph-like images train their stem (auto); asked on, it stays frozen.
+    assert [recipe.use_freeze_early(s, "full", True, glyphs=True) for s in ("auto", "on")] == [False, True]
 
 
 def test_a_full_fine_tune_keeps_the_early_layers_pretrained_and_resumes(glyph_dataset, tmp_path):
@@ -272,7 +274,7 @@ def test_a_full_fine_tune_keeps_the_early_layers_pretrained_and_resumes(glyph_da
 
     run = tmp_path / "run"
     cfg = dict(data=glyph_dataset, output_dir=str(run), base_model="efficientnet_lite0", image_size=64, batch_size=8,
-               probe_guard="off")
+               probe_guard="off", freeze_early="on")
     train(TrainConfig(**cfg, max_steps=2))
     assert yaml.safe_load((run / "config.yaml").read_text())["freeze_early"] == "on"
     # The checkpoint holds what trains; a second call resumes from it (the frozen layers rebuilt and checked).
@@ -286,9 +288,10 @@ def test_a_full_fine_tune_keeps_the_early_layers_pretrained_and_resumes(glyph_da
     assert torch.equal(tuned["conv_stem.weight"], pretrained["conv_stem.weight"])
     assert torch.equal(tuned["blocks.1.0.conv_pw.weight"], pretrained["blocks.1.0.conv_pw.weight"])
     assert not torch.equal(tuned["blocks.2.0.conv_pw.weight"], pretrained["blocks.2.0.conv_pw.weight"])
-    # Asked off, everything trains.
+    # Left at auto, glyph-like images (these digit-like strokes) train everything.
     off = tmp_path / "off"
-    train(TrainConfig(**{**cfg, "output_dir": str(off)}, max_steps=1, freeze_early="off"))
+    train(TrainConfig(**{**cfg, "output_dir": str(off), "freeze_early": "auto"}, max_steps=1))
+    assert yaml.safe_load((off / "config.yaml").read_text())["freeze_early"] == "off"
     assert not torch.equal(load_classifier(off / "model").net.state_dict()["conv_stem.weight"],
                            pretrained["conv_stem.weight"])
 
