@@ -389,7 +389,7 @@ def estimate_cpu_seconds(summary, cfg: TrainConfig) -> float:
 
     key = (summary.task, cfg.method)
     per_train, per_val = CPU_COST.get(key) or CPU_COST.get(summary.task, CPU_COST["classification"])
-    epochs = cfg.epochs or auto_epochs(summary.num_train, cfg.batch_size)
+    epochs = cfg.epochs or auto_epochs(summary.num_train, cfg.batch_size, cfg.method)
     evals = epochs if summary.task in EVAL_EVERY_EPOCH else min(epochs, 10)
     once = ONCE_COST.get(key, ONCE_COST.get(summary.task, 0.0)) * (summary.num_train + summary.num_val)
     return once + epochs * summary.num_train * per_train + evals * summary.num_val * per_val

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
     task = make_task(cfg, load_splits(cfg.data))
     # Keeping the best evaluation: tasks scored by accuracy, on a validation split big enough to trust.
     keep_best = task.main_metric == "accuracy" and use_keep_best(cfg.keep_best, len(task.val_ds))
-    cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size),
+    cfg = replace(cfg, image_size=task.image_size, epochs=cfg.epochs or auto_epochs(len(task.train_ds), cfg.batch_size, cfg.method),
                   keep_best="on" if keep_best else "off", **getattr(task, "resolved", {}))
     if main:
         _save_config(cfg, run_dir / CONFIG_FILE)

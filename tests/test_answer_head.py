@@ -37,6 +37,15 @@ def test_closed_answers_rule():
     assert closed_answers(many, many[:10]) == {"closed": False, "answers": 1500, "coverage": 1.0}
 
 
+def test_a_closed_answer_run_takes_more_of_its_cheap_steps():
+    from mmdemo.config import auto_epochs
+
+    # 1,556 questions in batches of 32: 48 steps an epoch; about 1,000 steps for answer_head, 400 for a decoder
+    assert (auto_epochs(1556, 32, ANSWER_METHOD), auto_epochs(1556, 32, "frozen_vision"), auto_epochs(1556, 32)) == \
+        (21, 9, 9)
+    assert auto_epochs(100, 32, ANSWER_METHOD) == 40  # the cap
+
+
 def test_the_default_method_follows_the_answers(tmp_path):
     closed = write_text_dataset(tmp_path / "closed", "vqa", "color", n_train=8, n_val=4)
     assert vqa_method(closed) == ANSWER_METHOD
