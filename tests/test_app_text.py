@@ -11,7 +11,7 @@ CIRCLE = handle_file(str(ASSETS / "examples/circle.png"))
 
 
 def tiny_vqa_zip(path: Path) -> Path:
-    """12 shape images with two questions each: enough to train two steps and serve."""
+    """12 circles (4 positions x 3 colours) with two questions each: enough to train two steps and serve."""
     import json
     import zipfile
 
@@ -22,7 +22,7 @@ def tiny_vqa_zip(path: Path) -> Path:
         for i in range(12):
             color = ("red", "blue", "green")[i % 3]
             img = Image.new("RGB", (48, 48), "white")
-            ImageDraw.Draw(img).ellipse((10, 10, 38, 38), fill=color)
+            ImageDraw.Draw(img).ellipse((10 + i % 4, 10, 38, 38), fill=color)  # 12 distinct images
             img.save(path.parent / f"{i}.png")
             z.write(path.parent / f"{i}.png", f"{i}.png")
             rows += [{"file_name": f"{i}.png", "question": "what color is the shape?", "answer": color},
@@ -61,7 +61,7 @@ def test_caption_and_answer_endpoints_serve_their_runs(client, tmp_path):
         client.predict(CIRCLE, checkpoint="", api_name="/caption")
 
     vqa_run = trained_run(client, "vqa", tiny_vqa_zip(tmp_path / "vqa.zip"))
-    # Four answers, every one asked in both splits: the default is the classifier over them
+    # Four answers, and every validation answer is among the training ones: the default is the classifier over them
     runs = {r["run_id"]: r for r in client.predict(api_name="/list_runs")}
     assert runs[vqa_run]["method"] == "answer_head"
     reply = client.predict(CIRCLE, "what color is the shape?", checkpoint=vqa_run, api_name="/answer")
