@@ -104,6 +104,28 @@ def start(workspace: Path, dataset_id: str, *, manager: jobs.JobManager | None =
     return jobs.start_training(cfg, manager or job_manager())
 
 
+# Fields the app sets itself: a caller's settings never name them.
+APP_FIELDS = ("data", "output_dir", "task", "num_processes", "extra")
+
+
+def with_settings(params: dict, settings) -> dict:
+    """``params`` plus a caller's ``settings`` (TrainConfig fields by name; a setting given both ways must agree):
+    unknown names, the fields the app sets and a value that is not a mapping are refused by name."""
+    if settings in (None, ""):
+        return params
+    if not isinstance(settings, dict):
+        raise UserInputError(f"settings must be a mapping of setting name to value, e.g. {{\"freeze_early\": \"off\"}} "
+                             f"(got {type(settings).__name__})")
+    fixed = sorted(set(settings) & set(APP_FIELDS))
+    if fixed:
+        raise UserInputError(f"settings cannot set {', '.join(fixed)}: the app sets them (the dataset gives the task).")
+    clash = sorted(k for k, v in settings.items() if params.get(k) not in (None, "", 0) and params[k] != v)
+    if clash:
+        raise UserInputError(f"{', '.join(clash)} given twice with different values (as a parameter and in settings); "
+                             "give each once.")
+    return {**params, **settings}
+
+
 def distill(workspace: Path, teacher: str, student: str = "", *, dataset_id: str = "", baseline=True, images=None,
             manager: jobs.JobManager | None = None, **params) -> dict:
     """Queues a student trained on the soft labels of ``teacher`` (a finished classification run of this

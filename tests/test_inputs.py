@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+import yaml
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -307,7 +308,7 @@ def test_another_user_reaches_no_run_by_any_path_spelling(app, users):
     assert set(a.predict(image=image, checkpoint=run_id, api_name="/classify")) == {"circle", "rectangle", "triangle"}
 
 
-def test_api_parameters_are_parsed_or_named(users):
+def test_api_parameters_are_parsed_or_named(app, users):
     a, b, run_id, b_dataset = users
     for value, text in (("abc", "epochs must be a whole number (got 'abc')"), (1.5, "epochs must be a whole number "
                                                                                      "(got 1.5)")):
@@ -315,9 +316,19 @@ def test_api_parameters_are_parsed_or_named(users):
     message = app_error(lambda: b.predict(dataset_id=b_dataset, epochs="x", batch_size=-2.5, learning_rate="fast",
                                           api_name="/start_training"))
     assert "epochs" in message and "batch_size" in message and "learning_rate" in message
+    # Any other setting by its config name, checked like the rest; the app's own fields and unknown names refused
+    for settings, text in (({"bogus": 1}, "Unknown training settings: bogus"),
+                           ({"data": "/etc", "task": "vqa"}, "settings cannot set data, task"),
+                           ({"freeze_early": "sometimes"}, "freeze_early must be one of auto, on, off"),
+                           ({"max_steps": 3}, "max_steps given twice"), ("fast", "settings must be a mapping")):
+        assert text in app_error(lambda: b.predict(dataset_id=b_dataset, max_steps=1, settings=settings,
+                                                   api_name="/start_training"))
     started = b.predict(dataset_id=b_dataset, max_steps="1", batch_size="8", image_size=64.0,
+                        settings={"freeze_early": "off", "label_smoothing": "0", "probe_guard": "off"},
                         api_name="/start_training")["run_id"]
     assert wait_done(b, started)["status"] == "completed"
+    config = yaml.safe_load((workspace_of(app, b) / "runs" / started / "config.yaml").read_text())
+    assert (config["freeze_early"], config["label_smoothing"], config["probe_guard"]) == ("off", 0.0, "off")
     image = handle_file(str(CIRCLE))
     assert len(b.predict(image=image, top_k=0, api_name="/classify")) == 5
     assert len(b.predict(image=image, checkpoint="efficientnet_lite0", top_k=3, api_name="/classify")) == 3

@@ -20,15 +20,17 @@ def api_load_dataset(file: dict, task: str = "classification", request: gr.Reque
 def api_start_training(dataset_id: str, base_model: str = "", method: str = "", epochs: int = 0,
                        learning_rate: float = 0.0, batch_size: int = 0, image_size: int = 0,
                        max_steps: int = 0, trackio: str = "", keep_old: str = "", contrastive_loss: str = "",
-                       request: gr.Request = None) -> dict:
+                       settings: dict | None = None, request: gr.Request = None) -> dict:
     """Starts fine-tuning in a child process; "" / 0 take the defaults. ``warnings`` name settings that will
     run far too long or close to the memory there is. ``trackio``: a trackio project to log the run to;
     ``keep_old``: a continued run's replay / distill / both / off; ``contrastive_loss``: a retrieval run's
-    infonce / sigmoid / auto."""
+    infonce / sigmoid / auto; ``settings``: any other training setting by its config name (e.g.
+    {"freeze_early": "off", "label_smoothing": 0}), checked like the others."""
     wsp = api_workspace(request)
-    run_id = api.start(wsp, dataset_id, manager=manager(), base_model=base_model, method=method,
-                       epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, image_size=image_size,
-                       max_steps=max_steps, trackio=trackio, keep_old=keep_old, contrastive_loss=contrastive_loss)
+    params = dict(base_model=base_model, method=method, epochs=epochs, learning_rate=learning_rate,
+                  batch_size=batch_size, image_size=image_size, max_steps=max_steps, trackio=trackio,
+                  keep_old=keep_old, contrastive_loss=contrastive_loss)
+    run_id = api.start(wsp, dataset_id, manager=manager(), **api.with_settings(params, settings))
     return {"run_id": run_id, "warnings": api.run_warnings(wsp, run_id)}
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import gradio as gr
 
 from mmdemo import api, runs
-from mmdemo.config import CONTRASTIVE_LOSSES, KEEP_OLD
+from mmdemo.config import CONTRASTIVE_LOSSES, KEEP_OLD, LR_SCHEDULES
+from mmdemo.recipe import RECIPES, SWITCHES
 from mmdemo.errors import UserInputError
 
 from .advice import advised_method, build_advice_section, build_baseline_comparison
@@ -155,6 +156,21 @@ def build_train_tab(browser_id):
                                                info="also log the run's metrics to trackio's local store")
                 fields["hflip"] = gr.Radio(["auto", "on", "off"], value="auto", label="Horizontal flips",
                                            info="auto: off for glyph-like images (digits, text) and tiny upscaled ones")
+            with gr.Row():  # the classification recipe's switches (mmdemo/recipe.py); auto = what the data says
+                fields["recipe"] = gr.Radio(list(RECIPES), value="auto", label="Recipe",
+                                            info="lp-ft: fit the new head on frozen features first; auto: plain")
+                fields["freeze_early"] = gr.Radio(list(SWITCHES), value="auto", label="Freeze early layers",
+                                                  info="full fine-tune: keep a CNN's stem and stride-2/4 stages as "
+                                                       "pretrained (auto: on, off for glyph-like images)")
+                fields["probe_guard"] = gr.Radio(list(SWITCHES), value="auto", label="Linear-probe guard",
+                                                 info="end on the pretrained features' linear probe where it beats "
+                                                      "the fine-tune on validation (auto: full, up to 5,000 images)")
+                fields["keep_best"] = gr.Radio(list(SWITCHES), value="auto", label="Keep the best evaluation",
+                                               info="auto: on from 500 validation images")
+                fields["lr_schedule"] = gr.Radio(list(LR_SCHEDULES), value="auto", label="Learning-rate schedule",
+                                                 info="auto: one-cycle for a full classification fine-tune, cosine "
+                                                      "otherwise")
+                fields["label_smoothing"] = gr.Number(0.1, label="Label smoothing (classification)")
             with gr.Row():
                 fields["keep_old"] = gr.Radio(list(KEEP_OLD), value=KEEP_OLD[0], label="Keep what it knew",
                                               info="when the base model is a previous run: replay its memory of "
