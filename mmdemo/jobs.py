@@ -370,7 +370,10 @@ def _short(base_model: str) -> str:
 # measured by bench/task_cost.py on a shared machine, the child started as the app starts it (one thread), as
 # its CPU seconds per phase (an upper bound of an idle 2-core machine's wall time). A (task, method) key holds
 # a method other than the task's default.
-CPU_COST = {"classification": (0.06, 0.02), "captioning": (0.012, 0.02), "vqa": (0.012, 0.006),
+# Classification: 0.027 to 0.033 s per training row at 128 px on the four sets of bench/recipes.py (Dec 6: early
+# layers frozen, one thread beside one or two others; the whole run's CPU less 0.02 s per validation row), about
+# 1.5 times that at 160 px: 0.04 between the two.
+CPU_COST = {"classification": (0.04, 0.02), "captioning": (0.012, 0.02), "vqa": (0.012, 0.006),
             "image_text_classification": (0.0007, 0.0008), "retrieval": (0.0005, 0.0003),
             ("retrieval", "locked_image"): (0.027, 0.024),  # measured with two threads (Dec 3, 07:29)
             ("vqa", "answer_head"): (0.0007, 0.0003)}
