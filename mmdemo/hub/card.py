@@ -285,19 +285,30 @@ def _text_usage(repo: str, family: str, task: str, meta: dict, adapter: bool) ->
     return lines
 
 
-def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
+def _with_mmdemo(repo: str, parts: str, function: str, call: list[str]) -> list[str]:
+    """How the mmdemo-only families load: the sentence (``parts`` completes "two ecosystem models and ..."), the
+    snippet that calls ``mmdemo.inference.function`` (``call``: its last lines), and the parts list's heading."""
+    return [f"No single library class loads this model: it is two ecosystem models and {parts}. With mmdemo "
+            "(the `mmdemo/` package of the app that trained it, on the Python path):", "",
+            "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
+            f"from mmdemo.inference import {function}", "", f'folder = snapshot_download("{repo}")', *call, "```", "",
+            "Its parts load with their own libraries:", ""]
+
+
+def _images_sentence(meta: dict) -> str:
+    """The preprocessing of ``meta`` (mmdemo.json) in words."""
     pre = meta.get("preprocess", {})
     size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
+    return (f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
+            f"[0, 1] and normalised with mean {mean} and std {std}.")
+
+
+def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
     call = "caption(image, folder)" if task == "captioning" else 'answer(image, "what color is it?", folder)'
     layout = ("`[CLS] caption [SEP]`, generated from `[CLS]`" if task == "captioning"
               else "`[CLS] question [SEP] answer [SEP]`, the answer generated after the question's `[SEP]`")
     return [
-        "No single library class loads this model: it is two ecosystem models and a projection. With mmdemo "
-        "(the `mmdemo/` package of the app that trained it, on the Python path):", "",
-        "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
-        f"from mmdemo.inference import {call.split('(')[0]}", "",
-        f'folder = snapshot_download("{repo}")', 'image = Image.open("image.jpg")', f"print({call})", "```", "",
-        "Its parts load with their own libraries:", "",
+        *_with_mmdemo(repo, "a projection", call.split("(")[0], ['image = Image.open("image.jpg")', f"print({call})"]),
         "- `vision/`: the image encoder, a timm folder (`tf_efficientnet_lite0`, no classifier);",
         "- `text/`: the decoder, a `BertLMHeadModel` with cross-attention, and its tokenizer;",
         "- `projection.safetensors`: `proj.*` (Linear from the encoder's 1280 channels to the decoder's width, "
@@ -308,30 +319,19 @@ def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
         'encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)',
         'decoder = BertLMHeadModel.from_pretrained(f"{folder}/text")',
         'tokenizer = BertTokenizerFast.from_pretrained(f"{folder}/text")', "```", "",
-        f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
-        f"[0, 1] and normalised with mean {mean} and std {std}. Sequences: {layout}.", ""]
+        f"{_images_sentence(meta)} Sequences: {layout}.", ""]
 
 
 def _answer_head_usage(repo: str, meta: dict) -> list[str]:
     answers = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
     shown = ", ".join(f"`{a}`" for a in answers[:20]) + (f" and {len(answers) - 20} more" if len(answers) > 20 else "")
-    pre = meta.get("preprocess", {})
-    size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
     return [
         f"It answers with one of the {len(answers)} answers of its training questions: {shown}. A question whose "
         "answer is not among them gets the closest of these.", "",
-        "No single library class loads this model: it is two ecosystem models and a fusion head over the question "
-        "and the image. With mmdemo (the `mmdemo/` package of the app that trained it, on the Python path):", "",
-        "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
-        "from mmdemo.inference import answer", "",
-        f'folder = snapshot_download("{repo}")', 'print(answer(Image.open("image.jpg"), "what color is it?", folder))',
-        "```", "", "Its parts load with their own libraries:", "", *_fused_parts(meta),
-        f"- `fusion.safetensors`: the fusion head ({FUSIONS.get(meta.get('fusion'), '')}; the text is the question, "
-        f"the outputs are the answers), `FUSION_HEADS[\"{meta.get('fusion', 'late')}\"]` in `mmdemo/fusion.py`;",
-        "- `mmdemo.json`: the answers (`id2label`), the task and the preprocessing.", "",
-        f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
-        f"[0, 1] and normalised with mean {mean} and std {std}. Questions: tokenised to at most "
-        f"{meta.get('text_max_length', 64)} tokens.", ""]
+        *_with_mmdemo(repo, "a fusion head over the question and the image", "answer",
+                      ['print(answer(Image.open("image.jpg"), "what color is it?", folder))']),
+        *_fused_parts_and_loaders(meta, "the question is its text, its outputs are the answers",
+                                  "the answers (`id2label`), the task, the fusion, the preprocessing", "Questions")]
 
 
 def _fused_parts(meta: dict) -> list[str]:
@@ -344,11 +344,28 @@ def _fused_parts(meta: dict) -> list[str]:
             f"- `text/`: the text encoder, a transformers `{meta.get('text_class', 'AutoModel')}`, and its tokenizer;"]
 
 
-def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
+def _fused_parts_and_loaders(meta: dict, head_use: str, json_holds: str, texts: str) -> list[str]:
+    """A fused model's parts (``mmdemo.fusion``: image and text encoders, fusion head) with their loaders and
+    preprocessing: ``head_use`` says what the head takes or gives, ``json_holds`` what mmdemo.json holds,
+    ``texts`` what its texts are called."""
     timm_vision = meta.get("vision_library", "timm") == "timm"
     vision_class, text_class = meta.get("vision_class") or "AutoModel", meta.get("text_class") or "BertModel"
-    pre = meta.get("preprocess", {})
-    size, mean, std = pre.get("image_size", "?"), pre.get("mean", "?"), pre.get("std", "?")
+    return [
+        *_fused_parts(meta),
+        f"- `fusion.safetensors`: the fusion head ({FUSIONS.get(meta.get('fusion'), '')}), `FUSION_HEADS[fusion]` in "
+        f"`mmdemo/fusion.py`; {head_use};",
+        f"- `mmdemo.json`: {json_holds}.", "",
+        "```python", "import timm" if timm_vision else f"from transformers import {vision_class}",
+        "from safetensors.torch import load_file", f"from transformers import {text_class}, AutoTokenizer", "",
+        'image_encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)' if timm_vision else
+        f'image_encoder = {vision_class}.from_pretrained(f"{{folder}}/vision")',
+        f'text_encoder = {text_class}.from_pretrained(f"{{folder}}/text")',
+        'tokenizer = AutoTokenizer.from_pretrained(f"{folder}/text")',
+        'head_state = load_file(f"{folder}/fusion.safetensors")', "```", "",
+        f"{_images_sentence(meta)} {texts}: tokenised to at most {meta.get('text_max_length', 64)} tokens.", ""]
+
+
+def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
     ablation = report.get("ablation", {})
     lines = []
     if ablation:
@@ -359,30 +376,12 @@ def _fused_usage(repo: str, meta: dict, report: dict) -> list[str]:
         lines += [f"| {label} | {ablation[key]:.4f} |" for key, label in
                   (("both", "image + text"), ("image_only", "image only"), ("text_only", "text only"),
                    ("majority_class", "the most frequent label (no model)")) if key in ablation] + [""]
-    fusion = FUSIONS.get(meta.get("fusion"), "")
     return lines + [
         "## Use it", "",
-        "No single library class loads this model: it is two ecosystem models and a fusion head. With mmdemo "
-        "(the `mmdemo/` package of the app that trained it, on the Python path):", "",
-        "```python", "from huggingface_hub import snapshot_download", "from PIL import Image",
-        "from mmdemo.inference import classify", "",
-        f'folder = snapshot_download("{repo}")',
-        'print(classify(Image.open("image.jpg"), folder, top_k=5, text="what color is the shape?"))', "```", "",
-        "Its parts load with their own libraries:", "",
-        *_fused_parts(meta),
-        f"- `fusion.safetensors`: the fusion head ({fusion}), `FUSION_HEADS[fusion]` in "
-        "`mmdemo/fusion.py`; it takes the encoder's feature map and the text's token states;",
-        "- `mmdemo.json`: the labels (`id2label`), the fusion, the preprocessing.", "",
-        "```python", "import timm" if timm_vision else f"from transformers import {vision_class}",
-        "from safetensors.torch import load_file", f"from transformers import {text_class}, AutoTokenizer", "",
-        'image_encoder = timm.create_model(f"local-dir:{folder}/vision", pretrained=True)' if timm_vision else
-        f'image_encoder = {vision_class}.from_pretrained(f"{{folder}}/vision")',
-        f'text_encoder = {text_class}.from_pretrained(f"{{folder}}/text")',
-        'tokenizer = AutoTokenizer.from_pretrained(f"{folder}/text")',
-        'head_state = load_file(f"{folder}/fusion.safetensors")', "```", "",
-        f"Images: the shorter side resized to {size} px (bicubic), centre-cropped to {size} x {size}, scaled to "
-        f"[0, 1] and normalised with mean {mean} and std {std}. Texts: tokenised to at most "
-        f"{meta.get('text_max_length', 64)} tokens.", ""]
+        *_with_mmdemo(repo, "a fusion head", "classify",
+                      ['print(classify(Image.open("image.jpg"), folder, top_k=5, text="what color is the shape?"))']),
+        *_fused_parts_and_loaders(meta, "it takes the encoder's feature map and the text's token states",
+                                  "the labels (`id2label`), the fusion, the preprocessing", "Texts")]
 
 
 # --- loss curve ----------------------------------------------------------------------------------
