@@ -64,19 +64,41 @@ MAX_CLOSED_ANSWERS = 1000
 MIN_ANSWER_COVERAGE = 0.95
 
 
-def closed_answers(train_answers, val_answers) -> dict:
-    """Whether VQA answers form a closed list: {"closed", "answers" (distinct training answers), "coverage" (the
-    share of validation questions whose most common answer is one of them)}. Answers are compared after VQA's
-    normalisation; ``*_answers``: one list of answers per question."""
+def top_answer(answers) -> str:
+    """A question's most common answer (its first, among equally common ones)."""
+    from collections import Counter
+
+    return Counter(answers).most_common(1)[0][0]
+
+
+def answer_vocabulary(answer_lists) -> list[str]:
+    """The answers of a training split as the classes: each row's most common answer, grouped by its
+    normalised form (VQA's normalisation: case, articles, number words), shown in its most frequent
+    spelling; sorted by frequency, then alphabetically."""
     from collections import Counter
 
     from .metrics import normalize_answer
 
-    def top(answers):
-        return normalize_answer(Counter(answers).most_common(1)[0][0])
+    counts, spellings = Counter(), {}
+    for answers in answer_lists:
+        if not answers:
+            continue
+        top = top_answer(answers)
+        key = normalize_answer(top)
+        counts[key] += 1
+        spellings.setdefault(key, Counter())[top] += 1
+    order = sorted(counts, key=lambda k: (-counts[k], k))
+    return [spellings[k].most_common(1)[0][0] for k in order]
 
-    known = {top(a) for a in train_answers if a}
-    val = [top(a) for a in val_answers if a]
+
+def closed_answers(train_answers, val_answers) -> dict:
+    """Whether VQA answers form a closed list: {"closed", "answers" (distinct training answers, ``answer_vocabulary``),
+    "coverage" (the share of validation questions whose most common answer is one of them)}. Answers are compared
+    after VQA's normalisation; ``*_answers``: one list of answers per question."""
+    from .metrics import normalize_answer
+
+    known = {normalize_answer(a) for a in answer_vocabulary(train_answers)}
+    val = [normalize_answer(top_answer(a)) for a in val_answers if a]
     coverage = sum(a in known for a in val) / len(val) if val else 0.0
     return {"closed": bool(known) and len(known) <= MAX_CLOSED_ANSWERS and coverage >= MIN_ANSWER_COVERAGE,
             "answers": len(known), "coverage": round(coverage, 4)}

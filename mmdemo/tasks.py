@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
-from .recipe import (ANSWER_METHOD, PROBE_FILE, fit_head, follows_data, freeze_early, glyph_like, image_side, sample,
-                     use_crops, use_freeze_early, use_hflip, use_probe_guard)
+from .recipe import (ANSWER_METHOD, PROBE_FILE, answer_vocabulary, fit_head, follows_data, freeze_early, glyph_like,
+                     image_side, sample, use_crops, use_freeze_early, use_hflip, use_probe_guard)
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -296,7 +296,7 @@ class TextTask:
         self.task = cfg.task
         self.main_metric = "vqa_accuracy" if cfg.task == "vqa" else "cider"
         if cfg.method == ANSWER_METHOD:  # closed-answer VQA: a classifier over the training answers
-            from .vlm.answers import answer_vocabulary, build_answer_model
+            from .vlm.answers import build_answer_model
 
             self.model = build_answer_model(cfg.base_model, answer_vocabulary(splits["train"]["answers"]),
                                             cfg.image_size, cfg.pretrained)

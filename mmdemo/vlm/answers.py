@@ -18,7 +18,7 @@ whose mmdemo.json says task ``vqa``, family ``answer-head``; ``id2label`` holds 
 
 from __future__ import annotations
 
-from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -27,28 +27,12 @@ import torch.nn.functional as F
 from ..errors import UserInputError
 from ..families import register_family
 from ..metrics import normalize_answer
+from ..recipe import answer_vocabulary  # noqa: F401 (the classes of a training split; re-exported)
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 
-METHOD = "answer_head"
 IGNORE = -100  # a question whose answer is not among the model's: no loss, and counted wrong by the VQA metric
 # Distinct question texts whose encoder output is kept in memory (about 16 tokens x 384 halves each: 12 kB).
 TEXT_CACHE_ROWS = 100_000
-
-
-def answer_vocabulary(answer_lists) -> list[str]:
-    """The answers of a training split as the classes: each row's most common answer, grouped by its
-    normalised form (VQA's normalisation: case, articles, number words), shown in its most frequent
-    spelling; sorted by frequency, then alphabetically."""
-    counts, spellings = Counter(), {}
-    for answers in answer_lists:
-        if not answers:
-            continue
-        top = Counter(answers).most_common(1)[0][0]
-        key = normalize_answer(top)
-        counts[key] += 1
-        spellings.setdefault(key, Counter())[top] += 1
-    order = sorted(counts, key=lambda k: (-counts[k], k))
-    return [spellings[k].most_common(1)[0][0] for k in order]
 
 
 @register_family
@@ -73,8 +57,11 @@ class AnswerClassifier(ImageTextModel):
     def __init__(self, net, base_model: str):
         super().__init__("vqa", net.preprocess, base_model)
         self.net = net
-        self._index = {normalize_answer(a): i for i, a in enumerate(net.labels)}
+        self._reindex()
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    def _reindex(self) -> None:
+        self._index = {normalize_answer(a): i for i, a in enumerate(self.net.labels)}
 
     @property
     def answers(self) -> list[str]:
@@ -110,19 +97,16 @@ class AnswerClassifier(ImageTextModel):
         if questions is None or any(p.requires_grad for p in encoder.parameters()) or encoder.training:
             return None
         missing = [i for i, q in enumerate(questions) if q not in self._text_cache]
-        if missing:
+        fresh = {}
+        if missing:  # encoded once; kept while the cache has room, else for this batch only
             states = self.net.text_features(input_ids[missing], attention_mask[missing])
-            for row, i in enumerate(missing):
-                if len(self._text_cache) < TEXT_CACHE_ROWS:
-                    self._text_cache[questions[i]] = states[row, :int(attention_mask[i].sum())]
+            fresh = {questions[i]: states[row, :int(attention_mask[i].sum())] for row, i in enumerate(missing)}
+            self._text_cache.update(islice(fresh.items(), max(0, TEXT_CACHE_ROWS - len(self._text_cache))))
         out = torch.zeros(len(questions), input_ids.shape[1], encoder.config.hidden_size, dtype=torch.float16)
         for i, q in enumerate(questions):
-            if q in self._text_cache:
-                cached = self._text_cache[q]
-            else:  # past the cache's size: computed for this batch only
-                cached = self.net.text_features(input_ids[i:i + 1], attention_mask[i:i + 1])[0]
-                cached = cached[:int(attention_mask[i].sum())]
-            out[i, :len(cached)] = cached
+            states = self._text_cache.get(q)
+            states = fresh[q] if states is None else states
+            out[i, :len(states)] = states
         return out.to(attention_mask.device)
 
     def logits(self, attention_mask, input_ids, images=None, image_features=None, questions=None) -> torch.Tensor:
@@ -176,7 +160,7 @@ class AnswerClassifier(ImageTextModel):
             grown.bias[:last.out_features] = last.bias
         self.net.head.head[-1] = grown
         self.net.labels = self.answers + new
-        self._index = {normalize_answer(a): i for i, a in enumerate(self.net.labels)}
+        self._reindex()
         return self
 
 
