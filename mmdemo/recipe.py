@@ -187,13 +187,14 @@ def glyph_like(images) -> bool:
     return float(np.median(spreads)) < GREY_SPREAD and float(np.median(shares)) > EXTREME_SHARE
 
 
-def use_hflip(setting: str, images, crops: bool = True) -> bool:
+def use_hflip(setting: str, images, crops: bool = True, glyphs: bool | None = None) -> bool:
     """The flip switch resolved: "on" / "off" as given, "auto" off for glyph-like images and for images too
     small for random crops (``crops`` False, ``use_crops``): without flips the 64 px shapes at 128 px scored
-    1.0 on three seeds (0.978 to 1.0 with them) and the 25 px faces 0.986 (0.981) (bench/RESULTS.md)."""
+    1.0 on three seeds (0.978 to 1.0 with them) and the 25 px faces 0.986 (0.981) (bench/RESULTS.md). ``glyphs``:
+    ``glyph_like(images)`` where the caller has it already."""
     if setting in ("on", "off"):
         return setting == "on"
-    return crops and not glyph_like(images)
+    return crops and not (glyph_like(images) if glyphs is None else glyphs)
 
 
 def use_freeze_early(setting: str, method: str, pretrained: bool = True, glyphs: bool = False) -> bool:

@@ -37,7 +37,8 @@ class ClassificationTask:
         self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
-        glyphs = cfg.freeze_early == "auto" and cfg.method == "full" and glyph_like(sample(images))
+        # Asked once for the freeze and the flips (under 0.1 s: 64 images shrunk to 32 px).
+        glyphs = "auto" in (cfg.freeze_early, cfg.hflip) and glyph_like(sample(images))
         early = freeze_early(self.model.net) if use_freeze_early(cfg.freeze_early, cfg.method, cfg.pretrained,
                                                                  glyphs) else 0
         native = self.model.preprocess.image_size
@@ -47,7 +48,7 @@ class ClassificationTask:
         self.model.preprocess.image_size = self.image_size
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
         self.crop = use_crops(sizes, self.image_size)
-        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, sample(images), self.crop)
+        self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, None, self.crop, glyphs)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
         self.probe_guard = use_probe_guard(cfg.probe_guard, cfg.recipe, cfg.method, cfg.pretrained, len(images),
