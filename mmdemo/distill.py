@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import UserInputError
-from .runs import EVAL_FILE, META_FILE, MODEL_DIR
+from .runs import EVAL_FILE, META_FILE, MODEL_DIR, meta_labels
 
 DISTILL_PLOT = "distill.png"
 LATENCY_RUNS = 20  # timed forward passes per model (after 3 warm-up ones); the median is reported
@@ -50,7 +50,7 @@ def teacher_model_dir(teacher: str) -> Path:
 
 def teacher_labels(teacher: str) -> list[str]:
     meta = json.loads((teacher_model_dir(teacher) / META_FILE).read_text())
-    return [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+    return meta_labels(meta)
 
 
 def check_teacher_labels(teacher: str, classes: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from torch import nn
 from .errors import UserInputError
 from .families import register_family
 from .models import Preprocess, lite0_encoder, lora_targets, prefers_channels_last
-from .runs import META_FILE
+from .runs import META_FILE, meta_labels
 
 LATE_MODEL = "efficientnet_lite0+minilm"
 PAIR = "+"  # IMAGE+TEXT: never part of a Hub id or a timm name
@@ -243,7 +243,7 @@ class FusedClassifier(nn.Module):
     def load(cls, model_dir) -> "FusedClassifier":
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / META_FILE).read_text())
-        labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+        labels = meta_labels(meta)
         if meta.get("base_model") in FUSIONS:
             return cls.build(labels, meta["base_model"], meta["preprocess"]["image_size"], model_dir=model_dir,
                              fusion=meta["fusion"])

@@ -29,7 +29,7 @@ from .families import get_family, register_family, resolve_family
 from .peft_methods import METHODS as PEFT_METHODS
 from .peft_methods import apply_peft_method, load_added, recipe_of, save_added, strip_added
 from .refs import local_dir
-from .runs import META_FILE
+from .runs import META_FILE, meta_labels
 
 DEFAULT_MODEL = "efficientnet_lite0"
 OFFLINE_HINT = (f"Available offline: '{DEFAULT_MODEL}' (ImageNet weights shipped in a package), "
@@ -546,7 +546,7 @@ def load_classifier(model_dir) -> Classifier:
     """Loads a folder written by ``save_classifier``."""
     model_dir = Path(model_dir)
     meta = _read_json(model_dir / META_FILE)
-    labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+    labels = meta_labels(meta)
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
     net = get_family(meta["family"]).load(model_dir)
     if meta.get("added_modules"):

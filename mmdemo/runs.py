@@ -51,6 +51,12 @@ def read_json(path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def meta_labels(meta: dict) -> list[str]:
+    """The labels of a model's mmdemo.json (``id2label``; a closed-answer VQA run's answers) in output order."""
+    id2label = meta.get("id2label", {})
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Readers (the UI polling status) never see a half-written file: temp file + rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

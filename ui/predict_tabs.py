@@ -42,19 +42,12 @@ def on_pick_checkpoint(browser_id, checkpoint):
 def closed_answers_of(wsp, checkpoint: str) -> list[str] | None:
     """The answers a closed-answer VQA run (method answer_head) picks from; None for any other checkpoint (a run
     that generates its answers, a Hub id, the default)."""
-    import json
-
     try:
         run_dir = runs.find_run(wsp, checkpoint) if checkpoint else None
     except UserInputError:  # a Hub id (or a typo, which Ask then names)
         return None
-    meta_file = run_dir / runs.MODEL_DIR / runs.META_FILE if run_dir else None
-    if meta_file is None or not meta_file.is_file():
-        return None
-    meta = json.loads(meta_file.read_text())
-    if meta.get("family") != "answer-head":
-        return None
-    return [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+    meta = runs.read_json(run_dir / runs.MODEL_DIR / runs.META_FILE) if run_dir else {}
+    return runs.meta_labels(meta) if meta.get("family") == "answer-head" else None
 
 
 @user_errors

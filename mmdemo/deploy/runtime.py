@@ -65,10 +65,11 @@ def preprocess(image, pre: dict) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _loaded(path: str, _mtime: int):
+    from ..runs import meta_labels
     from .lab import session
 
     meta = json.loads((Path(path).parent / "mmdemo.json").read_text())
-    labels = [meta["id2label"][str(i)] for i in range(len(meta["id2label"]))]
+    labels = meta_labels(meta)
     return session(Path(path)), meta["preprocess"], labels
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ..runs import meta_labels
 from ..taskspec import TASK_SPECS
 from .rundir import CONFIG_FILE, hub_base_model, hub_dataset, public_base_model, public_config, read_json, read_run
 
@@ -145,7 +146,7 @@ def _license(model_dir: Path, family: str) -> str:
 
 
 def _card_intro(meta: dict, cfg: dict, base: str | None) -> str:
-    labels = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
+    labels = meta_labels(meta)
     kind = "An image + text classifier (an image and a text in, one label out)" \
         if meta.get("task") == "image_text_classification" else "An image classifier"
     return (f"{kind} fine-tuned from {_origin(cfg, meta, base)} with mmdemo (method "
@@ -323,7 +324,7 @@ def _composed_usage(repo: str, task: str, meta: dict) -> list[str]:
 
 
 def _answer_head_usage(repo: str, meta: dict) -> list[str]:
-    answers = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
+    answers = meta_labels(meta)
     shown = ", ".join(f"`{a}`" for a in answers[:20]) + (f" and {len(answers) - 20} more" if len(answers) > 20 else "")
     return [
         f"It answers with one of the {len(answers)} answers of its training questions: {shown}. A question whose "
