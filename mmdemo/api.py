@@ -328,7 +328,9 @@ def method_plan(workspace: Path, dataset_id: str, base_model: str = "", method: 
     from .data import find_dataset, load_summary
 
     summary = load_summary(find_dataset(workspace, dataset_id))
-    cfg = jobs.new_run_config(workspace, find_dataset(workspace, dataset_id), task=summary.task, base_model=base_model)
+    # The method given: the config then resolves no default method (VQA's reads every answer of the dataset).
+    cfg = jobs.new_run_config(workspace, find_dataset(workspace, dataset_id), task=summary.task, base_model=base_model,
+                              method=method)
     return plan(summary.task, cfg.base_model, list(summary.classes or []), method)
 
 
