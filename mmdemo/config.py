@@ -100,7 +100,8 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up, in [0, 1)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "classification label smoothing, in [0, 1)"})
     augment: bool = field(default=True, metadata={"help": "random crops and flips (classification; no crops for "
-                                                           "images under two thirds of the input side, no flips per hflip)"})
+                                                           "images under two thirds of the input side, random shifts "
+                                                           "instead for glyph-like ones, no flips per hflip)"})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "evaluations without improvement before stopping (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and the data order"})

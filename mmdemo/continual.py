@@ -142,7 +142,7 @@ class Continual:
             labels = task.model.labels
             split = {"image": memory["image"], "label": [labels.index(n) for n in memory["label"]]}
             mem = ImageTensors(split, task.image_size, list(range(len(labels))), train=cfg.augment, hflip=task.hflip,
-                               crop=task.crop)
+                               crop=task.crop, shift=task.shift)
             new_classes = len(set(task.train_ds.labels.tolist()) - set(range(len(self.old_labels))))
             self.memory_rows = len(mem)
             self.repeats = replay_repeats(len(task.train_ds), new_classes or len(labels), len(mem),

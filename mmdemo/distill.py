@@ -156,7 +156,7 @@ class Distiller:
         if not images:
             raise UserInputError("None of the unlabelled images could be read: give JPEG or PNG files.")
         extra = ImageTensors({"image": images, "label": [0] * len(images)}, task.image_size, [0], train=augment,
-                             hflip=task.hflip, crop=task.crop)
+                             hflip=task.hflip, crop=task.crop, shift=task.shift)
         extra.labels = torch.full_like(extra.labels, -1)  # no hard label: the soft term only
         task.train_ds = torch.utils.data.ConcatDataset([task.train_ds, extra])
         return len(images)

@@ -75,12 +75,14 @@ class ImageTensors(torch.utils.data.Dataset):
     """A dataset split decoded once into one uint8 tensor; training never decodes files again."""
 
     def __init__(self, split, image_size: int, label_map: list[int], train: bool, labels: bool = True,
-                 hflip: bool = True, images=None, crop: bool = True):
-        """``train``: augmented (random resized crops where ``crop``, horizontal flips where ``hflip``); with
-        neither, the training images are what validation sees."""
+                 hflip: bool = True, images=None, crop: bool = True, shift: float = 0.0):
+        """``train``: augmented (random resized crops where ``crop``, else random shifts of up to ``shift`` of the
+        side where it is above 0, the border's pixels repeated into the gap; horizontal flips where ``hflip``);
+        with none of them, the training images are what validation sees."""
         from torchvision.transforms import v2
 
-        self.train = train and (crop or hflip)
+        shift = 0.0 if crop else shift
+        self.train = train and (crop or hflip or shift > 0)
         side = round(image_size * TRAIN_MARGIN) if self.train and crop else image_size
         images = [resize_center_crop(img, side) for img in (split["image"] if images is None else images)]
         self.pixels = torch.stack(images) if images else torch.empty(0, 3, side, side, dtype=torch.uint8)
@@ -88,6 +90,8 @@ class ImageTensors(torch.utils.data.Dataset):
                                    dtype=torch.long)
         self.row_ids = list(range(len(self.labels)))
         steps = (([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)] if crop else [])
+                 + ([v2.RandomCrop(image_size, padding=round(shift * image_size), padding_mode="edge")]
+                    if shift > 0 else [])
                  + ([v2.RandomHorizontalFlip()] if hflip else []))
         self.augment = v2.Compose(steps) if steps else None
 

@@ -19,7 +19,7 @@ from . import continual
 from .errors import UserInputError
 from .images import ImageTensors, decode_unique, normalize
 from .recipe import (ANSWER_METHOD, PROBE_FILE, answer_vocabulary, fit_head, follows_data, freeze_early, glyph_like,
-                     image_side, sample, use_crops, use_freeze_early, use_hflip, use_probe_guard)
+                     image_side, sample, shift_share, use_crops, use_freeze_early, use_hflip, use_probe_guard)
 from .peft_methods import METHODS as PEFT_METHODS
 from .taskspec import task_spec
 
@@ -37,8 +37,8 @@ class ClassificationTask:
         self.model, self.label_map = build_classifier(cfg.base_model, self.classes, cfg.pretrained)
         apply_method(self.model, cfg.method, cfg.lora_r, cfg.lora_alpha)
         images = splits["train"]["image"]  # decoded once, for the data-aware choices and the tensors
-        # Asked once for the freeze and the flips (under 0.1 s: 64 images shrunk to 32 px).
-        glyphs = "auto" in (cfg.freeze_early, cfg.hflip) and glyph_like(sample(images))
+        # Asked once for the freeze, the flips and the shifts (under 0.1 s: 64 images shrunk to 32 px).
+        glyphs = glyph_like(sample(images))
         early = freeze_early(self.model.net) if use_freeze_early(cfg.freeze_early, cfg.method, cfg.pretrained,
                                                                  glyphs) else 0
         native = self.model.preprocess.image_size
@@ -49,6 +49,7 @@ class ClassificationTask:
         self.method, self.label_smoothing = cfg.method, cfg.label_smoothing
         self.crop = use_crops(sizes, self.image_size)
         self.recipe, self.hflip = cfg.recipe, use_hflip(cfg.hflip, None, self.crop, glyphs)
+        self.shift = shift_share(glyphs, self.crop)
         self.continued = continues_run(cfg.base_model)  # its head is trained already
         self.batch_size = cfg.batch_size
         self.probe_guard = use_probe_guard(cfg.probe_guard, cfg.recipe, cfg.method, cfg.pretrained, len(images),
@@ -56,9 +57,10 @@ class ClassificationTask:
         # Written to config.yaml by the loop.
         self.resolved = {"hflip": "on" if self.hflip else "off", "freeze_early": "on" if early else "off",
                          "probe_guard": "on" if self.probe_guard else "off",
-                         "extra": {**cfg.extra, "random_crops": cfg.augment and self.crop}}
+                         "extra": {**cfg.extra, "random_crops": cfg.augment and self.crop,
+                                   "random_shifts": cfg.augment and self.shift > 0}}
         self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
-                                     hflip=self.hflip, images=images, crop=self.crop)
+                                     hflip=self.hflip, images=images, crop=self.crop, shift=self.shift)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.labelled_ds = self.train_ds
         self.collate = None

@@ -87,6 +87,31 @@ def test_random_crops_only_for_images_with_enough_pixels_of_their_own():
     assert flipped.train and flipped.pixels.shape[-1] == 32 and flipped[0][0].shape == (3, 32, 32)
 
 
+def test_glyphs_too_small_for_crops_are_shifted_with_their_border_repeated():
+    from mmdemo.images import ImageTensors
+
+    assert recipe.shift_share(glyphs=True, crops=False) == recipe.SHIFT_SHARE
+    assert recipe.shift_share(glyphs=True, crops=True) == 0 and recipe.shift_share(glyphs=False, crops=False) == 0
+    split = {"image": [glyph(c, i) for i, c in enumerate("7r7r")], "label": [0, 1, 0, 1]}
+    shifted = ImageTensors(split, 32, [0, 1], train=True, hflip=False, crop=False, shift=1 / 8)
+    val = ImageTensors(split, 32, [0, 1], train=False)
+    assert shifted.train and shifted.pixels.shape[-1] == 32  # no margin: the shift pads
+    original = val[1][0]
+    padded = torch.nn.functional.pad(original[None].float(), (4, 4, 4, 4), mode="replicate")[0].to(torch.uint8)
+    offsets = set()
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = shifted[1][0]
+        # Each draw is the image moved by at most 4 px (1/8 of 32) each way, its border repeated into the gap.
+        found = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(x, padded[:, dy:dy + 32, dx:dx + 32])]
+        assert found, "not a shift of the image"
+        offsets.add(found[0])
+    assert len(offsets) > 5  # the draws vary
+    # Where crops apply, they replace the shifts.
+    cropped = ImageTensors(split, 32, [0, 1], train=True, hflip=False, crop=True, shift=1 / 8)
+    assert [type(t).__name__ for t in cropped.augment.transforms] == ["RandomResizedCrop"]
+
+
 def test_a_full_fine_tune_gets_the_one_cycle_schedule_and_the_rest_cosine():
     from mmdemo.training import _scheduler
 
@@ -206,7 +231,9 @@ def test_lp_ft_fits_the_head_before_the_first_step_and_records_what_it_resolved(
     assert "phase" not in [r["type"] for r in _records(plain)]
     cfg = yaml.safe_load((plain / "config.yaml").read_text())
     assert (cfg["hflip"], cfg["image_size"], cfg["keep_best"]) == ("on", recipe.MIN_SIDE, "off")
-    assert cfg["extra"]["random_crops"] is False and cfg["lr_schedule"] == "one-cycle"  # 32 px glyphs: flips only
+    # 32 px glyphs: no crops, random shifts instead (and the flips asked for).
+    assert cfg["extra"]["random_crops"] is False and cfg["extra"]["random_shifts"] is True
+    assert cfg["lr_schedule"] == "one-cycle"
     assert not (plain / recipe.BEST_FILE).exists()
     # A frozen backbone sees the images at the model's own side.
     head = tmp_path / "head"

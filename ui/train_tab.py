@@ -149,7 +149,8 @@ def build_train_tab(browser_id):
             with gr.Row():
                 fields["weight_decay"] = gr.Number(0.01, label="Weight decay")
                 fields["warmup_ratio"] = gr.Number(0.1, label="Warm-up ratio")
-                fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)")
+                fields["augment"] = gr.Checkbox(True, label="Augmentation (classification)",
+                                                info="random crops and flips; shifts for glyphs too small to crop")
                 fields["early_stopping_patience"] = gr.Number(0, label="Early-stopping patience (0 = off)", precision=0)
                 fields["seed"] = gr.Number(0, label="Seed", precision=0)
                 fields["trackio"] = gr.Textbox("", label="trackio project (empty = off)",
