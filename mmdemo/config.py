@@ -138,8 +138,8 @@ class TrainConfig:
         "choices": SWITCHES})
     probe_guard: str = field(default="auto", metadata={
         "help": "classification: also fit the pretrained network's linear probe before the first step, and end on "
-                "it where it scores higher on validation than the fine-tune (auto: on for a plain full fine-tune from "
-                "pretrained weights of up to 5,000 training images)", "choices": SWITCHES})
+                "it where it scores at least as high on validation as the fine-tune (auto: on for a plain full fine-tune from "
+                "pretrained weights of up to 5,000 training images, not glyph-like ones)", "choices": SWITCHES})
     lr_schedule: str = field(default="auto", metadata={
         "help": "learning-rate schedule: cosine (warm-up_ratio of the steps warming up, then cosine to 0), one-cycle "
                 "(0.3 of the steps warming up from 1/25 of the rate, cosine down to 1/25 000 of it, Adam's beta1 cycled between "

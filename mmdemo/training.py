@@ -163,7 +163,7 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
                  images_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes)
     # A phase before the loop (LP-FT's head fit), on a fresh run only: a resumed one has its weights.
     phase = task.before_training(acc.unwrap_model(model)) if state["step"] == 0 and hasattr(task, "before_training") else {}
-    # The pretrained network's linear probe, the model kept at the end where it scores higher (recipe.PROBE_FILE).
+    # The pretrained network's linear probe, the model kept at the end where it scores at least as high (recipe.PROBE_FILE).
     probe = task.probe_candidate(model, val_loader, acc, run_dir) if state["step"] == 0 and hasattr(
         task, "probe_candidate") else {}
     if probe:
@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, on_record=None) -> dict:
         tuned = result[task.main_metric]
         result = {**task.report(model, val_loader, acc, loop.step), "kept": "linear_probe", "finetuned_accuracy": tuned}
         message = (f"The pretrained network's linear probe scored {result['accuracy']:.3f} on validation, the fine-tuned "
-                   f"network {tuned:.3f}: the model saved is the probe (the pretrained network with a fitted head).")
+                   f"network {tuned:.3f}: the model saved is the probe (the pretrained network with a fitted head"
+                   f"{'; of two equals, the simpler' if result['accuracy'] == tuned else ''}).")
     if main:
         _save_model(task, acc.unwrap_model(model), run_dir, result)
         write_json_atomic(run_dir / EVAL_FILE, result)

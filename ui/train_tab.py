@@ -164,8 +164,9 @@ def build_train_tab(browser_id):
                                                   info="full fine-tune: keep a CNN's stem and stride-2/4 stages as "
                                                        "pretrained (auto: on, off for glyph-like images)")
                 fields["probe_guard"] = gr.Radio(list(SWITCHES), value="auto", label="Linear-probe guard",
-                                                 info="end on the pretrained features' linear probe where it beats "
-                                                      "the fine-tune on validation (auto: full, up to 5,000 images)")
+                                                 info="end on the pretrained features' linear probe where it scores "
+                                                      "as high as the fine-tune on validation (auto: full, up to 5,000 "
+                                                      "images, not glyph-like ones)")
                 fields["keep_best"] = gr.Radio(list(SWITCHES), value="auto", label="Keep the best evaluation",
                                                info="auto: on from 500 validation images")
                 fields["lr_schedule"] = gr.Radio(list(LR_SCHEDULES), value="auto", label="Learning-rate schedule",
