@@ -129,7 +129,6 @@ class Continual:
     """What a continued classification run does on top of fine-tuning (``keep_old``), and its report."""
 
     def __init__(self, task, cfg, previous: tuple[Path, Path | None]):
-        from .images import ImageTensors
         from .models import load_classifier
 
         self.model_dir, self.run_dir = previous
@@ -141,8 +140,7 @@ class Continual:
         if memory is not None and len(memory):
             labels = task.model.labels
             split = {"image": memory["image"], "label": [labels.index(n) for n in memory["label"]]}
-            mem = ImageTensors(split, task.image_size, list(range(len(labels))), train=cfg.augment, hflip=task.hflip,
-                               crop=task.crop, shift=task.shift)
+            mem = task.training_tensors(split, list(range(len(labels))))
             new_classes = len(set(task.train_ds.labels.tolist()) - set(range(len(self.old_labels))))
             self.memory_rows = len(mem)
             self.repeats = replay_repeats(len(task.train_ds), new_classes or len(labels), len(mem),

@@ -135,15 +135,14 @@ class Distiller:
         self.baseline = cfg.distill_baseline
         self.extra_images = 0
         if cfg.distill_images:
-            self.extra_images = self._add_unlabelled(task, cfg.distill_images, cfg.augment)
+            self.extra_images = self._add_unlabelled(task, cfg.distill_images)
 
     @staticmethod
-    def _add_unlabelled(task, folder: str, augment: bool) -> int:
+    def _add_unlabelled(task, folder: str) -> int:
         import torch
 
         from .data import open_image
         from .data.upload import list_images
-        from .images import ImageTensors
 
         images = []
         for rel in list_images(Path(folder)):
@@ -155,8 +154,7 @@ class Distiller:
             images.append(image)
         if not images:
             raise UserInputError("None of the unlabelled images could be read: give JPEG or PNG files.")
-        extra = ImageTensors({"image": images, "label": [0] * len(images)}, task.image_size, [0], train=augment,
-                             hflip=task.hflip, crop=task.crop, shift=task.shift)
+        extra = task.training_tensors({"image": images, "label": [0] * len(images)}, [0])
         extra.labels = torch.full_like(extra.labels, -1)  # no hard label: the soft term only
         task.train_ds = torch.utils.data.ConcatDataset([task.train_ds, extra])
         return len(images)

@@ -2,8 +2,8 @@
 
 Pure decisions (no torch at import): the number of epochs from the dataset's size, the input side from
 the images' own resolution, whether random crops and horizontal flips are safe augmentations (not for tiny
-upscaled images; no flips for digits, letters or other glyphs, which get random shifts instead of crops), whether the best evaluation is kept (only
-on a validation split big enough to tell), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
+upscaled images; no flips for digits, letters or other glyphs, which get random shifts instead of crops),
+whether the best evaluation is kept (only on a validation split big enough to tell), and which recipe a method gets. Phases (torch, called by the loop): fitting a new head on
 frozen features before everything trains (LP-FT), and keeping the weights of the best evaluation.
 
 The figures that chose these rules are in bench/RESULTS.md (``bench/recipes.py``).

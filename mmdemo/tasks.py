@@ -59,8 +59,8 @@ class ClassificationTask:
                          "probe_guard": "on" if self.probe_guard else "off",
                          "extra": {**cfg.extra, "random_crops": cfg.augment and self.crop,
                                    "random_shifts": cfg.augment and self.shift > 0}}
-        self.train_ds = ImageTensors(splits["train"], self.image_size, self.label_map, train=cfg.augment,
-                                     hflip=self.hflip, images=images, crop=self.crop, shift=self.shift)
+        self.augment = cfg.augment
+        self.train_ds = self.training_tensors(splits["train"], self.label_map, images=images)
         self.val_ds = ImageTensors(splits["validation"], self.image_size, self.label_map, train=False)
         self.labelled_ds = self.train_ds
         self.collate = None
@@ -73,6 +73,12 @@ class ClassificationTask:
 
             self.distiller = Distiller(self, cfg, splits)
         self.train_split, self.val_split, self.base_model = splits["train"], splits["validation"], cfg.base_model
+
+    def training_tensors(self, split, label_map: list[int], images=None) -> ImageTensors:
+        """``split`` as training images with the run's augmentation (crops, shifts and flips as resolved above): the
+        training split, a continued run's replay memory, a distilled run's unlabelled images."""
+        return ImageTensors(split, self.image_size, label_map, train=self.augment, hflip=self.hflip, images=images,
+                            crop=self.crop, shift=self.shift)
 
     def train_mode(self, model) -> None:
         # "head": the backbone is a fixed feature extractor. "lora": the adapter must reproduce the model
