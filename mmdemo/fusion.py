@@ -30,7 +30,7 @@ from torch import nn
 from .errors import UserInputError
 from .families import register_family
 from .models import Preprocess, lite0_encoder, lora_targets, prefers_channels_last
-from .runs import META_FILE, meta_labels
+from .runs import META_FILE, meta_labels, model_dir_of
 
 LATE_MODEL = "efficientnet_lite0+minilm"
 PAIR = "+"  # IMAGE+TEXT: never part of a Hub id or a timm name
@@ -393,8 +393,8 @@ def build_fused_model(base_model: str, labels: list[str], image_size: int = 0,
 
     name = (base_model or LATE_MODEL).strip()
     path = local_dir(name)
-    model_dir = None if path is None else path / "model" if (path / "model" / META_FILE).is_file() else path
-    if model_dir is not None and (model_dir / META_FILE).is_file():  # a run or a saved mmdemo model
+    model_dir = model_dir_of(name)
+    if model_dir is not None:  # a run or a saved mmdemo model
         meta = json.loads((model_dir / META_FILE).read_text())
         if meta.get("task") != TASK:
             raise UserInputError(f"base_model '{path.name}' is not an {TASK} model; use {LATE_MODEL}, {CROSS_MODEL} "

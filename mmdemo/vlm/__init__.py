@@ -22,6 +22,7 @@ from ..errors import UserInputError
 from ..families import families, get_family, resolve_family
 from ..models import META_FILE, Preprocess
 from ..refs import local_dir
+from ..runs import model_dir_of
 from .base import DEFAULT_TEXT_MODEL, ImageTextModel
 from .composed import PROMPT_TOKENS, ComposedCaptioner, minilm_path, prompt_tuned
 from .hf import HFImageText
@@ -42,8 +43,8 @@ def build_image_text_model(task: str, base_model: str, image_size: int = 0, pret
     name = (base_model or DEFAULT_TEXT_MODEL).strip()
     path = local_dir(name)  # only an absolute path is a folder: a Hub id never reads a relative one
     if path is not None:
-        model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
-        if (model_dir / META_FILE).is_file():
+        model_dir = model_dir_of(name)
+        if model_dir is not None:
             return load_image_text_model(model_dir, expect_task=task)
         return HFImageText.build(task, str(path), pretrained=True, local=True)
     family = resolve_family("image-text", name)

@@ -171,7 +171,7 @@ def build_answer_model(base_model: str, answers: list[str], image_size: int = 0,
     (its answers first, new ones added); encoders frozen, the fusion head trains."""
     from ..fusion import CROSS_MODEL, LATE_MODEL, build_fused_model
     from ..refs import local_dir
-    from ..runs import META_FILE
+    from ..runs import model_dir_of
     from ..taskspec import task_spec
 
     if not answers:
@@ -179,10 +179,10 @@ def build_answer_model(base_model: str, answers: list[str], image_size: int = 0,
     name = (base_model or DEFAULT_TEXT_MODEL).strip()
     path = local_dir(name)
     if path is not None:
-        model_dir = path / "model" if (path / "model" / META_FILE).is_file() else path
         from . import load_image_text_model
 
-        model = load_image_text_model(model_dir, expect_task="vqa") if (model_dir / META_FILE).is_file() else None
+        model_dir = model_dir_of(name)
+        model = load_image_text_model(model_dir, expect_task="vqa") if model_dir is not None else None
         if not isinstance(model, AnswerClassifier):
             raise UserInputError(f"answer_head continues only a closed-answer (answer_head) VQA run; '{path.name}' is "
                                  f"not one. Start from {LATE_MODEL}, or continue that run with its own method.")
